@@ -1,0 +1,40 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+# torch==2.13.0 is installed first: this machine kind has that CPU build on disk, and any
+# other torch spec would pull a multi-GB CUDA build.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEMO := demo-out
+
+.PHONY: demo test fixtures clean
+
+$(VENV)/.base:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.base pyproject.toml
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+$(VENV)/.installed-demo: $(VENV)/.base pyproject.toml
+	$(PY) -m pip install -q -e '.[onnx]'
+	touch $@
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -q -n 2 --dist loadgroup
+
+demo: $(VENV)/.installed-demo
+	rm -rf $(DEMO)
+	$(VENV)/bin/ia3tools inspect fixtures/llama/adapter
+	$(VENV)/bin/ia3tools check fixtures/llama/base fixtures/llama/adapter
+	$(VENV)/bin/ia3tools merge fixtures/llama/base fixtures/llama/adapter -o $(DEMO)/merged
+	$(VENV)/bin/ia3tools verify fixtures/llama/base fixtures/llama/adapter $(DEMO)/merged
+
+# Regenerate the checked-in fixtures (deterministic; needs the test extras for peft).
+fixtures: $(VENV)/.installed-test
+	$(PY) fixtures/make_fixtures.py
+
+clean:
+	rm -rf $(VENV) $(DEMO) .pytest_cache

@@ -1,0 +1,3 @@
+from ia3tools.cli import main
+
+main()

@@ -1,0 +1,194 @@
+"""PEFT IA3 adapter directories: ``adapter_config.json`` plus ``adapter_model.safetensors``
+(or ``adapter_model.bin``).
+
+Tensor keys are ``base_model.model.<module>.ia3_l`` for vectors and
+``base_model.model.<module>.<param>`` for ``modules_to_save`` tensors (e.g. a classifier head).
+Module names are those of the model PEFT wrapped (a task model such as
+``BertForSequenceClassification``), which may differ from the base checkpoint's by a backbone
+prefix; ``ia3tools.plan`` resolves that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ia3tools.errors import AdapterError, FormatError
+from ia3tools.formats.dtypes import DTYPES
+from ia3tools.formats.jsonstrict import load_json_file
+from ia3tools.formats.pickled import BinFile
+from ia3tools.formats.safetensors import SafetensorsFile
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+KEY_PREFIX = "base_model.model."
+VECTOR_SUFFIX = ".ia3_l"
+
+
+def _names(value, field_name: str, path: Path, *, optional: bool = False) -> list[str] | str | None:
+    """A config field that PEFT allows as a list of names or one regex string."""
+    if value is None and optional:
+        return None
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise AdapterError(f"{field_name} is not a valid regular expression ({exc})", path=path) from None
+        return value
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise AdapterError(f"{field_name} must be a list of module names or a regex string", path=path)
+
+
+def name_matches(names: list[str] | str, module: str) -> bool:
+    """PEFT's ``target_modules`` rule: a regex is ``re.fullmatch``-ed; a list entry matches the
+    module with that exact name or any module whose name ends in ``.<entry>``."""
+    if isinstance(names, str):
+        return re.fullmatch(names, module) is not None
+    return module in names or any(module.endswith(f".{n}") for n in names)
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    path: Path
+    target_modules: list[str] | str
+    feedforward_modules: list[str] | str
+    fan_in_fan_out: bool
+    modules_to_save: list[str]
+    exclude_modules: list[str] | str | None
+    task_type: str | None
+    base_model_name_or_path: str | None
+    raw: dict = field(repr=False)
+
+    def is_target(self, module: str) -> bool:
+        if self.exclude_modules and name_matches(self.exclude_modules, module):
+            return False
+        if self.target_modules == "all-linear":
+            return True  # PEFT expands this to every linear layer but the output head
+        return name_matches(self.target_modules, module)
+
+    def is_feedforward(self, module: str) -> bool:
+        """PEFT's feedforward rule, which differs from the target rule: a list entry matches by
+        plain suffix (``output.dense`` also marks ``attention.output.dense``)."""
+        if isinstance(self.feedforward_modules, str):
+            return re.fullmatch(self.feedforward_modules, module) is not None
+        return any(module.endswith(n) for n in self.feedforward_modules)
+
+    def saved_module_of(self, module_param: str) -> str | None:
+        """The ``modules_to_save`` entry owning a parameter name, as PEFT's wrapper matches it."""
+        for entry in self.modules_to_save:
+            if re.match(rf"(^|.*\.){re.escape(entry)}($|\..*)", module_param):
+                return entry
+        return None
+
+
+def read_config(directory: Path) -> AdapterConfig:
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise AdapterError(f"no {CONFIG_NAME} (not a PEFT adapter directory)", path=directory)
+    doc = load_json_file(path, what="adapter config")
+    if not isinstance(doc, dict):
+        raise AdapterError("adapter config is not a JSON object", path=path)
+    peft_type = doc.get("peft_type")
+    if peft_type != "IA3":
+        raise AdapterError(f"peft_type is {peft_type!r}, not 'IA3'", path=path)
+    if doc.get("target_modules") is None:
+        raise AdapterError("target_modules is not set", path=path)
+    if doc.get("feedforward_modules") is None:
+        raise AdapterError("feedforward_modules is not set", path=path)
+    fan = doc.get("fan_in_fan_out", False)
+    if not isinstance(fan, bool):
+        raise AdapterError("fan_in_fan_out must be true or false", path=path)
+    mts = doc.get("modules_to_save") or []
+    if not isinstance(mts, list) or not all(isinstance(m, str) for m in mts):
+        raise AdapterError("modules_to_save must be a list of module names", path=path)
+    for key in ("task_type", "base_model_name_or_path"):
+        if doc.get(key) is not None and not isinstance(doc[key], str):
+            raise AdapterError(f"{key} must be a string", path=path)
+    return AdapterConfig(
+        path=path,
+        target_modules=_names(doc["target_modules"], "target_modules", path),
+        feedforward_modules=_names(doc["feedforward_modules"], "feedforward_modules", path),
+        fan_in_fan_out=fan,
+        modules_to_save=mts,
+        exclude_modules=_names(doc.get("exclude_modules"), "exclude_modules", path, optional=True),
+        task_type=doc.get("task_type"),
+        base_model_name_or_path=doc.get("base_model_name_or_path"),
+        raw=doc,
+    )
+
+
+@dataclass(frozen=True)
+class HeadInfo:
+    """A ``modules_to_save`` tensor: ``name`` is its parameter name in the adapter's namespace."""
+
+    key: str
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass
+class Adapter:
+    path: Path
+    config: AdapterConfig
+    weights_path: Path
+    vectors: dict[str, np.ndarray]  # module name -> vector as stored, upcast to float32
+    vector_dtypes: dict[str, str]  # module name -> dtype as stored
+    heads: dict[str, HeadInfo]  # parameter name -> head tensor
+    _reader: SafetensorsFile | BinFile = field(repr=False)
+
+    def head_array(self, name: str) -> np.ndarray:
+        return self._reader.array(self.heads[name].key)
+
+    def sha256(self) -> str:
+        """Hash of the adapter weights file, recorded as provenance in merged outputs."""
+        h = hashlib.sha256()
+        with open(self.weights_path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+
+    def close(self) -> None:
+        self._reader.close()
+
+
+def read_adapter(path: str | os.PathLike) -> Adapter:
+    """Read an adapter directory: its config strictly, its vectors into memory (they are small),
+    its head tensors lazily."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise AdapterError("adapter path must be a PEFT adapter directory", path=directory)
+    config = read_config(directory)
+    weights_path = next((directory / n for n in WEIGHT_NAMES if (directory / n).exists()), None)
+    if weights_path is None:
+        raise AdapterError(f"no adapter weights (looked for {', '.join(WEIGHT_NAMES)})", path=directory)
+    reader = SafetensorsFile(weights_path) if weights_path.suffix == ".safetensors" else BinFile(weights_path)
+
+    vectors: dict[str, np.ndarray] = {}
+    vector_dtypes: dict[str, str] = {}
+    heads: dict[str, HeadInfo] = {}
+    for key, info in reader.tensors.items():
+        if not key.startswith(KEY_PREFIX):
+            raise AdapterError(f"key does not start with {KEY_PREFIX!r}", path=weights_path, tensor=key)
+        name = key[len(KEY_PREFIX):]
+        if name.endswith(VECTOR_SUFFIX):
+            module = name[: -len(VECTOR_SUFFIX)]
+            if not DTYPES[info.dtype].foldable:
+                raise AdapterError(f"vector dtype {info.dtype} is not a float type", path=weights_path, tensor=key)
+            vectors[module] = reader.array(key).astype(np.float32)
+            vector_dtypes[module] = info.dtype
+        elif config.saved_module_of(name) is not None:
+            heads[name] = HeadInfo(key, name, info.dtype, tuple(info.shape))
+        else:
+            raise AdapterError(
+                "tensor is neither an IA3 vector nor under modules_to_save", path=weights_path, tensor=key
+            )
+    if not vectors and not heads:
+        raise FormatError("adapter holds no tensors", path=weights_path)
+    return Adapter(directory, config, weights_path, vectors, vector_dtypes, heads, reader)

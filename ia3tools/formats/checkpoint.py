@@ -1,0 +1,187 @@
+"""Checkpoints: a single safetensors file, a sharded safetensors index, or legacy PyTorch
+``.bin`` files (single or sharded), all seen through one ``Checkpoint`` interface."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ia3tools.errors import FormatError
+from ia3tools.formats.dtypes import DTYPES
+from ia3tools.formats.jsonstrict import load_json_file
+from ia3tools.formats.pickled import BinFile
+from ia3tools.formats.safetensors import SafetensorsFile
+
+SAFE_SINGLE = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+# The order transformers looks for weights in a directory.
+WEIGHT_NAMES = (SAFE_SINGLE, SAFE_INDEX, BIN_SINGLE, BIN_INDEX)
+_SHARD_PATTERN = re.compile(r".+-\d{5}-of-\d{5}\.(safetensors|bin)")
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one tensor of a checkpoint lives and what it is, without its data."""
+
+    name: str
+    dtype: str  # safetensors dtype name
+    shape: tuple[int, ...]
+    nbytes: int
+    shard: str  # file name of the shard holding it
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class Checkpoint:
+    """A base model's weights. ``tensors`` keeps file order; ``files`` maps shard name to reader."""
+
+    path: Path  # the directory (or the file given)
+    format: str  # "safetensors" or "bin"
+    sharded: bool
+    files: dict[str, SafetensorsFile | BinFile]
+    tensors: dict[str, TensorRef]
+    index_metadata: dict | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def directory(self) -> Path:
+        return self.path if self.path.is_dir() else self.path.parent
+
+    def reader(self, name: str) -> SafetensorsFile | BinFile:
+        return self.files[self.tensors[name].shard]
+
+    def array(self, name: str) -> np.ndarray:
+        return self.reader(name).array(name)
+
+    def shard_tensors(self) -> dict[str, list[TensorRef]]:
+        """Tensors grouped by shard, shards in index order."""
+        groups: dict[str, list[TensorRef]] = {shard: [] for shard in self.files}
+        for ref in self.tensors.values():
+            groups[ref.shard].append(ref)
+        return groups
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Open a checkpoint directory, a ``*.safetensors``/``*.bin`` file or an ``*.index.json``."""
+    path = Path(path)
+    if not path.exists():
+        raise FormatError("no such file or directory", path=path)
+    if path.is_dir():
+        for name in WEIGHT_NAMES:
+            if (path / name).exists():
+                return open_checkpoint_file(path / name, root=path)
+        if (path / "adapter_config.json").exists():
+            raise FormatError("this is an adapter directory, not a base checkpoint", path=path)
+        raise FormatError(f"no weights found (looked for {', '.join(WEIGHT_NAMES)})", path=path)
+    return open_checkpoint_file(path, root=path)
+
+
+def open_checkpoint_file(file: Path, *, root: Path) -> Checkpoint:
+    name = file.name
+    if name.endswith(".index.json"):
+        return _open_index(file, root)
+    if name.endswith(".safetensors"):
+        reader = SafetensorsFile(file)
+        return Checkpoint(root, "safetensors", False, {name: reader}, _refs(reader, name))
+    if name.endswith((".bin", ".pt", ".pth")):
+        reader = BinFile(file)
+        return Checkpoint(root, "bin", False, {name: reader}, _refs(reader, name))
+    raise FormatError("not a checkpoint (expected .safetensors, .bin or .index.json)", path=file)
+
+
+def _refs(reader, shard: str) -> dict[str, TensorRef]:
+    return {
+        info.name: TensorRef(info.name, info.dtype, info.shape, info.nbytes, shard) for info in reader.tensors.values()
+    }
+
+
+def _open_index(index_path: Path, root: Path) -> Checkpoint:
+    directory = index_path.parent
+    fmt = "bin" if index_path.name.endswith(".bin.index.json") else "safetensors"
+    doc = load_json_file(index_path, what="index")
+    if not isinstance(doc, dict) or not isinstance(doc.get("weight_map"), dict):
+        raise FormatError("index has no weight_map object", path=index_path)
+    weight_map: dict = doc["weight_map"]
+    metadata = doc.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise FormatError("index metadata is not an object", path=index_path)
+
+    shard_names = sorted(set(weight_map.values()), key=str)
+    files: dict[str, SafetensorsFile | BinFile] = {}
+    for shard in shard_names:
+        shard_path = resolve_member(directory, shard, index_path, what="shard")
+        if fmt == "safetensors" and not shard.endswith(".safetensors"):
+            raise FormatError(f"safetensors index names shard {shard!r}, which is not a .safetensors file", path=index_path)
+        if not shard_path.exists():
+            raise FormatError(f"shard {shard!r} named in the index is missing", path=index_path)
+        files[shard] = SafetensorsFile(shard_path) if fmt == "safetensors" else BinFile(shard_path)
+
+    tensors: dict[str, TensorRef] = {}
+    for shard, reader in files.items():
+        for info in reader.tensors.values():
+            owner = weight_map.get(info.name)
+            if owner is None:
+                raise FormatError("tensor is in the shard but not in the index", path=reader.path, tensor=info.name)
+            if owner != shard:
+                raise FormatError(f"tensor is also in shard {owner!r}", path=reader.path, tensor=info.name)
+            tensors[info.name] = TensorRef(info.name, info.dtype, info.shape, info.nbytes, shard)
+    for name, shard in weight_map.items():
+        if name not in tensors:
+            raise FormatError(f"index places the tensor in {shard!r}, but that shard lacks it", path=index_path, tensor=name)
+
+    suffix = ".safetensors" if fmt == "safetensors" else ".bin"
+    for other in sorted(os.listdir(directory)):
+        if _SHARD_PATTERN.fullmatch(other) and other.endswith(suffix) and other not in files:
+            raise FormatError(f"shard file {other!r} is present but not named in the index", path=index_path)
+
+    ckpt = Checkpoint(root, fmt, True, files, tensors, metadata)
+    total = (metadata or {}).get("total_size")
+    actual = sum(r.nbytes for r in tensors.values())
+    if total is not None and total != actual:
+        ckpt.warnings.append(f"{index_path}: index total_size {total} disagrees with the shards' {actual} bytes")
+    return ckpt
+
+
+def resolve_member(directory: Path, name, referrer: Path, *, what: str) -> Path:
+    """``directory/name`` for a plain file name that stays inside ``directory``.
+
+    Refuses absolute names, ``..``, subdirectories and symlinks that resolve elsewhere: a hostile
+    index must not make us read outside the checkpoint. The one exception is the Hugging Face hub
+    cache, whose ``snapshots/<rev>/`` files are symlinks into the same repository's ``blobs/``.
+    """
+    if (
+        not isinstance(name, str)
+        or name in ("", ".", "..")
+        or "/" in name
+        or "\\" in name
+        or "\x00" in name
+        or os.path.isabs(name)
+    ):
+        raise FormatError(f"{what} name {name!r} is not a plain file name", path=referrer)
+    member = directory / name
+    real_dir = directory.resolve()
+    real = member.resolve()
+    in_hub_blobs = real_dir.parent.name == "snapshots" and real.parent == real_dir.parent.parent / "blobs"
+    if real.parent != real_dir and not in_hub_blobs:
+        raise FormatError(f"{what} {name!r} resolves outside the directory", path=referrer)
+    return member
+
+
+def decodable(dtype: str) -> bool:
+    return DTYPES[dtype].numpy is not None

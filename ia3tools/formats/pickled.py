@@ -1,0 +1,88 @@
+"""Legacy PyTorch ``.bin`` checkpoints, read only through ``torch.load(weights_only=True)``.
+
+Pickle can run arbitrary code; ``weights_only=True`` restricts it to an allowlist of tensor
+types, and torch < 2.6 had a bypass (CVE-2025-32434), so older torch is refused outright.
+torch is imported here only, so safetensors-only work never pays for it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ia3tools.errors import FormatError
+from ia3tools.formats.dtypes import DTYPES, from_torch
+
+
+@dataclass(frozen=True)
+class BinTensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def _torch_version_ok(version: str) -> bool:
+    parts = version.split("+")[0].split(".")
+    try:
+        return (int(parts[0]), int(parts[1])) >= (2, 6)
+    except (ValueError, IndexError):
+        return False
+
+
+class BinFile:
+    """A ``.bin`` state dict, memory-mapped by torch where the file allows it."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.metadata = None
+        if not self.path.is_file():
+            raise FormatError("not a regular file", path=self.path)
+        import torch
+
+        if not _torch_version_ok(torch.__version__):
+            raise FormatError(
+                f"reading .bin checkpoints needs torch >= 2.6 (found {torch.__version__}): older "
+                "weights_only loading can execute code (CVE-2025-32434); convert to safetensors",
+                path=self.path,
+            )
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise FormatError(f"refused by weights-only unpickling: {first}", path=self.path) from None
+        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+            raise FormatError("not a state dict of named tensors", path=self.path)
+        self._state = state
+        self.tensors: dict[str, BinTensorInfo] = {}
+        for name, t in state.items():
+            dtype = from_torch(t.dtype)
+            if dtype is None:
+                raise FormatError(f"unsupported dtype {t.dtype}", path=self.path, tensor=name)
+            shape = tuple(t.shape)
+            self.tensors[name] = BinTensorInfo(name, dtype, shape, math.prod(shape) * DTYPES[dtype].bits // 8)
+
+    def torch_tensor(self, name: str):
+        return self._state[name]
+
+    def array(self, name: str) -> np.ndarray:
+        """The tensor as a numpy array (bf16 through its bit pattern, as numpy lacks the type)."""
+        t = self._state[name].contiguous()
+        info = self.tensors[name]
+        if info.dtype == "BF16":
+            import torch
+
+            return t.view(torch.int16).numpy().view(DTYPES["BF16"].numpy).copy()
+        return t.numpy().copy()
+
+    def read_bytes(self, name: str, start: int = 0, length: int | None = None) -> bytes:
+        raw = self.array(name).tobytes()
+        end = len(raw) if length is None else start + length
+        return raw[start:end]
+
+    def close(self) -> None:
+        self._state = {}

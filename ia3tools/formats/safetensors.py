@@ -1,0 +1,226 @@
+"""A strict safetensors reader.
+
+The header is parsed here rather than by the ``safetensors`` package because the released parser
+accepts duplicate keys (last wins). Checks run in a fixed order, each with its own message:
+length field, UTF-8, JSON, duplicate keys, metadata, per-tensor fields, dtype, byte size against
+shape x dtype, and offsets contiguous from 0 covering the data region exactly.
+
+Tensor bytes are read lazily with ``os.pread``, one tensor (or one slice of one) at a time: like a
+memory map, nothing is read until asked for, but unlike one, read pages do not stay resident and
+count against the process's memory.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import stat
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ia3tools.errors import FormatError
+from ia3tools.formats.dtypes import DTYPES, nbytes
+from ia3tools.formats.jsonstrict import loads_strict
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor's header entry. ``begin``/``end`` are offsets into the data region."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Header:
+    tensors: dict[str, TensorInfo]  # in file order
+    metadata: dict[str, str] | None
+    header_len: int  # length of the JSON header in bytes (after the 8-byte length field)
+    file_size: int
+
+    @property
+    def data_start(self) -> int:
+        return 8 + self.header_len
+
+
+def _open_regular(path: Path) -> int:
+    """Open ``path`` for reading, refusing FIFOs, devices and directories (they could block or lie)."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise FormatError(f"cannot open: {exc.strerror}", path=path) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise FormatError("not a regular file", path=path)
+    try:
+        return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise FormatError(f"cannot open: {exc.strerror}", path=path) from None
+
+
+def _pread_exact(fd: int, length: int, offset: int, path: Path, what: str) -> bytes:
+    chunks, got = [], 0
+    while got < length:
+        chunk = os.pread(fd, length - got, offset + got)
+        if not chunk:
+            raise FormatError(f"file ends inside the {what}", path=path)
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def parse_header_bytes(raw: bytes, file_size: int, path: Path) -> Header:
+    """Validate a header given its JSON bytes and the total file size (the byte-level core,
+    shared by the reader and by the fuzz tests)."""
+    header_len = len(raw)
+    if b"\x00" in raw:
+        raise FormatError("header contains NUL bytes (only spaces may pad it)", path=path)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise FormatError("header is not valid UTF-8", path=path) from None
+    if not text.startswith("{"):
+        raise FormatError("header is not a JSON object", path=path)
+    doc = loads_strict(text, path=path, what="header")
+    if not isinstance(doc, dict):
+        raise FormatError("header is not a JSON object", path=path)
+
+    metadata = doc.pop("__metadata__", None)
+    if metadata is not None:
+        if not isinstance(metadata, dict):
+            raise FormatError("__metadata__ is not an object", path=path)
+        for key, value in metadata.items():
+            if not isinstance(value, str):
+                raise FormatError(f"__metadata__ value for {key!r} is not a string", path=path)
+
+    data_size = file_size - 8 - header_len
+    tensors = [_parse_entry(name, entry, path) for name, entry in doc.items()]
+    tensors.sort(key=lambda t: (t.begin, t.end))
+    expected = 0
+    for info in tensors:
+        if info.begin != expected:
+            kind = "gap" if info.begin > expected else "overlap"
+            raise FormatError(f"data offsets leave a {kind} at byte {expected} of the data", path=path, tensor=info.name)
+        expected = info.end
+    if expected != data_size:
+        if expected > data_size:
+            raise FormatError(f"data is truncated: header needs {expected} bytes, file has {data_size}", path=path)
+        raise FormatError(f"{data_size - expected} trailing bytes after the last tensor", path=path)
+    return Header({t.name: t for t in tensors}, metadata, header_len, file_size)
+
+
+def _parse_entry(name: str, entry, path: Path) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise FormatError("header entry is not an object", path=path, tensor=name)
+    if set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise FormatError("header entry needs exactly dtype, shape and data_offsets", path=path, tensor=name)
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise FormatError(f"unknown dtype {dtype!r}", path=path, tensor=name)
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise FormatError("shape is not a list of non-negative integers", path=path, tensor=name)
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        raise FormatError("data_offsets is not [begin, end]", path=path, tensor=name)
+    begin, end = offsets
+    if end < begin:
+        raise FormatError("data_offsets end before they begin", path=path, tensor=name)
+    size = nbytes(dtype, math.prod(shape))  # Python integers: no overflow to check, only the span
+    if size is None:
+        raise FormatError(f"shape {shape} does not fill whole bytes of {dtype}", path=path, tensor=name)
+    if size != end - begin:
+        raise FormatError(
+            f"shape {shape} x {dtype} is {size} bytes but data_offsets span {end - begin}", path=path, tensor=name
+        )
+    return TensorInfo(name, dtype, tuple(shape), begin, end)
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def read_header(path: str | os.PathLike) -> Header:
+    """Read and validate the header of the safetensors file at ``path``."""
+    path = Path(path)
+    fd = _open_regular(path)
+    try:
+        file_size = os.fstat(fd).st_size
+        if file_size < 8:
+            raise FormatError(f"file is {file_size} bytes, shorter than the 8-byte header length", path=path)
+        (header_len,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+        if header_len > MAX_HEADER_BYTES:
+            raise FormatError(f"header length {header_len} exceeds the 100 MB limit", path=path)
+        if 8 + header_len > file_size:
+            raise FormatError(f"header length {header_len} runs past the end of the file", path=path)
+        raw = _pread_exact(fd, header_len, 8, path, "header")
+    finally:
+        os.close(fd)
+    return parse_header_bytes(raw, file_size, path)
+
+
+class SafetensorsFile:
+    """A validated safetensors file whose tensors are read on demand."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.header = read_header(self.path)
+        self._fd: int | None = None
+
+    @property
+    def tensors(self) -> dict[str, TensorInfo]:
+        return self.header.tensors
+
+    @property
+    def metadata(self) -> dict[str, str] | None:
+        return self.header.metadata
+
+    def fileno(self) -> int:
+        if self._fd is None:
+            self._fd = _open_regular(self.path)
+            if os.fstat(self._fd).st_size != self.header.file_size:
+                raise FormatError("file changed size while being read", path=self.path)
+        return self._fd
+
+    def read_bytes(self, name: str, start: int = 0, length: int | None = None) -> bytes:
+        """``length`` bytes of tensor ``name`` from byte ``start`` of its data (all by default)."""
+        info = self.tensors[name]
+        if length is None:
+            length = info.nbytes - start
+        return _pread_exact(self.fileno(), length, self.header.data_start + info.begin + start, self.path, "data")
+
+    def array(self, name: str) -> np.ndarray:
+        """The whole tensor as a writable numpy array of its own dtype (bf16 via ml_dtypes)."""
+        info = self.tensors[name]
+        np_dtype = DTYPES[info.dtype].numpy
+        if np_dtype is None:
+            raise FormatError(f"dtype {info.dtype} cannot be decoded", path=self.path, tensor=name)
+        buf = bytearray(self.read_bytes(name))
+        return np.frombuffer(buf, dtype=np_dtype).reshape(info.shape)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()

@@ -1,0 +1,85 @@
+"""Human-readable rendering of the library's reports (the ``--json`` forms print them as data)."""
+
+from __future__ import annotations
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def table(headers: list[str], rows: list[list], align: str | None = None) -> str:
+    """Left-aligned text columns, numbers right-aligned (``align``: one 'l'/'r' per column)."""
+    cells = [[str(c) for c in headers]] + [["-" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    align = align or "l" * len(headers)
+    lines = []
+    for r in cells:
+        parts = [c.rjust(w) if a == "r" else c.ljust(w) for c, w, a in zip(r, widths, align)]
+        lines.append("  ".join(parts).rstrip())
+    return "\n".join(lines)
+
+
+def _num(x) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+def _names(value) -> str:
+    return value if isinstance(value, str) else ", ".join(value) or "-"
+
+
+def render_inspect(report: dict) -> str:
+    return render_adapter(report) if report["kind"] == "adapter" else render_checkpoint(report)
+
+
+def render_adapter(r: dict) -> str:
+    c = r["config"]
+    lines = [
+        f"adapter      {r['path']} ({r['weights_file']})",
+        f"task         {c['task_type'] or '-'}   base: {c['base_model_name_or_path'] or '-'}",
+        f"targets      {_names(c['target_modules'])}",
+        f"feedforward  {_names(c['feedforward_modules'])}   fan_in_fan_out: {str(c['fan_in_fan_out']).lower()}",
+        f"vectors      {r['vectors']} ({r['parameters']:,} parameters)",
+        f"heads        {', '.join(h['name'] + str(h['shape']) for h in r['heads']) or '-'}",
+        "",
+    ]
+    rows = [
+        [g["group"], g["vectors"], g["length"] if isinstance(g["length"], int) else "/".join(map(str, g["length"])),
+         g["scales"], _num(g["mean"]), _num(g["std"]), _num(g["min"]), _num(g["max"]), g["near_zero"], g["nan"],
+         g["inf"]]
+        for g in r["groups"]
+    ]
+    headers = ["group", "n", "length", "scales", "mean", "std", "min", "max", f"|x|<{r['near_zero_threshold']:g}",
+               "nan", "inf"]
+    lines.append(table(headers, rows, "lrrlrrrrrrr"))
+    return "\n".join(lines)
+
+
+def render_checkpoint(r: dict) -> str:
+    shards = f"{len(r['shards'])} shard{'s' if len(r['shards']) != 1 else ''}"
+    lines = [
+        f"checkpoint  {r['path']} ({r['format']}, {shards})",
+        f"tensors     {r['tensors']:,}   parameters: {r['parameters']:,}   size: {human_bytes(r['bytes'])}",
+        "",
+        table(["dtype", "tensors", "parameters", "bytes"],
+              [[d["dtype"], d["tensors"], f"{d['parameters']:,}", f"{d['bytes']:,}"] for d in r["dtypes"]], "lrrr"),
+    ]
+    if r["sharded"]:
+        lines += ["", table(["shard", "tensors", "bytes"],
+                            [[s["name"], s["tensors"], f"{s['bytes']:,}"] for s in r["shards"]], "lrr")]
+    lines += [f"warning: {w}" for w in r["warnings"]]
+    return "\n".join(lines)
+
+
+def render_check(r: dict) -> str:
+    lines = [f["severity"] + ": " + (f"{f['module']}: " if f["module"] else "") + f["message"]
+             for f in r["errors"] + r["warnings"]]
+    heads = f", {len(r['heads'])} head tensor(s)" if r["heads"] else ""
+    if r["fits"]:
+        lines.append(f"ok: {len(r['folds'])} vectors fit{heads} ({r['names']})")
+    else:
+        lines.append(f"does not fit: {len(r['errors'])} problem(s)")
+    return "\n".join(lines)
