@@ -114,8 +114,8 @@ def parse_header_bytes(raw: bytes, file_size: int, path: Path) -> Header:
     expected = 0
     for info in tensors:
         if info.begin != expected:
-            kind = "gap" if info.begin > expected else "overlap"
-            raise FormatError(f"data offsets leave a {kind} at byte {expected} of the data", path=path, tensor=info.name)
+            kind = "a gap" if info.begin > expected else "an overlap"
+            raise FormatError(f"data offsets leave {kind} at byte {expected} of the data", path=path, tensor=info.name)
         expected = info.end
     if expected != data_size:
         if expected > data_size:
@@ -177,8 +177,8 @@ class SafetensorsFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.header = read_header(self.path)
         self._fd: int | None = None
+        self.header = read_header(self.path)
 
     @property
     def tensors(self) -> dict[str, TensorInfo]:
