@@ -82,6 +82,85 @@ def check_cmd(base, adapter, as_json):
     sys.exit(0 if plan.ok else 1)
 
 
+def _device(ctx, param, value: str) -> str:
+    if value in ("cpu", "cuda", "auto") or (value.startswith("cuda:") and value[5:].isdigit()):
+        return value
+    raise click.BadParameter("expected cpu, cuda, cuda:N or auto")
+
+
+def _dtype(ctx, param, value: str | None) -> str | None:
+    from ia3tools.formats.dtypes import FRIENDLY
+
+    if value is None or value == "keep":
+        return None
+    if value.lower() not in FRIENDLY:
+        raise click.BadParameter("expected keep, bf16, fp16 or fp32")
+    return FRIENDLY[value.lower()]
+
+
+def _size(ctx, param, value: str | None) -> int | None:
+    from ia3tools.merge import parse_size
+
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@cli.command("merge")
+@click.argument("base", type=click.Path(exists=True))
+@click.argument("adapter", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--output", "out", type=click.Path(), help="Directory to create (required unless --dry-run).")
+@click.option("--device", default="cpu", show_default=True, callback=_device,
+              help="Where to fold: cpu, cuda, cuda:N or auto (CUDA when available).")
+@click.option("--dtype", default=None, callback=_dtype,
+              help="Convert floating tensors to bf16, fp16 or fp32 before folding (default: keep).")
+@click.option("--max-shard-size", default=None, callback=_size,
+              help="Reshard the output, e.g. 2GB (default: keep the base's shard layout).")
+@click.option("--dry-run", is_flag=True, help="Print the plan and the output layout; write nothing.")
+@click.option("--force", is_flag=True, help="Replace an existing output directory (atomically).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
+@json_option
+@reports_errors
+def merge_cmd(base, adapter, out, device, dtype, max_shard_size, dry_run, force, quiet, as_json):
+    """Fold ADAPTER's IA3 vectors into BASE and write a standard Hugging Face model directory.
+
+    Bit-identical to PEFT's merge_and_unload; streams tensor by tensor with flat memory; the
+    output appears atomically, only once complete and validated.
+    """
+    from ia3tools.merge import MergeOptions, merge
+    from ia3tools.render import render_merge
+
+    if out is None and not dry_run:
+        raise click.UsageError("missing option '-o' / '--output' (required unless --dry-run)")
+    options = MergeOptions(device=device, dtype=dtype, max_shard_size=max_shard_size, dry_run=dry_run,
+                           force=force, progress=not (quiet or as_json))
+    report = merge(base, adapter, out, options)
+    if as_json or not quiet or dry_run:
+        emit(report, as_json, render_merge)
+
+
+@cli.command("verify")
+@click.argument("base", type=click.Path(exists=True))
+@click.argument("adapter", type=click.Path(exists=True, file_okay=False))
+@click.argument("merged", type=click.Path(exists=True))
+@json_option
+@reports_errors
+def verify_cmd(base, adapter, merged, as_json):
+    """Prove MERGED is exactly BASE with ADAPTER folded in, bit for bit.
+
+    Exit 0 when identical; 1 naming each differing (with its max error), missing or extra tensor.
+    """
+    from ia3tools.render import render_verify
+    from ia3tools.verify import verify
+
+    report = verify(base, adapter, merged)
+    emit(report, as_json, render_verify)
+    sys.exit(0 if report["identical"] else 1)
+
+
 def main() -> None:
     cli(prog_name="ia3tools")
 

@@ -83,3 +83,42 @@ def render_check(r: dict) -> str:
     else:
         lines.append(f"does not fit: {len(r['errors'])} problem(s)")
     return "\n".join(lines)
+
+
+def render_merge(r: dict) -> str:
+    shards = f"{len(r['shards'])} shard{'s' if len(r['shards']) != 1 else ''}"
+    heads = ""
+    if r["heads_added"] or r["heads_replaced"]:
+        heads = f", {r['heads_added']} head tensor(s) added, {r['heads_replaced']} replaced"
+    if r["dry_run"]:
+        plan = r["plan"]
+        where = r["output"] or "the output"
+        lines = [f"dry run: would write {where} ({shards}, {human_bytes(r['bytes'])}); nothing written",
+                 f"names: {plan['names']}", ""]
+        rows = [[f["module"], f["weight"], f["scales"] + (" + bias" if f["bias"] else ""), f["length"]]
+                for f in plan["folds"]]
+        lines.append(table(["module", "base tensor", "scales", "length"], rows, "lllr"))
+        for h in plan["heads"]:
+            lines.append(f"head {h['name']} -> {h['output']} ({'replaces ' + h['replaces'] if h['replaces'] else 'added'})")
+        return "\n".join(lines)
+    return "\n".join([
+        f"merged {r['folded']} tensors of {r['tensors']}{heads} -> {r['output']} "
+        f"({shards}, {human_bytes(r['bytes'])}) in {r['seconds']:.2f} s on {r['device']}",
+        f"adapter sha256 {r['adapter_sha256']}",
+    ])
+
+
+def render_verify(r: dict) -> str:
+    lines = []
+    for d in r["differences"]:
+        if d["problem"] == "differs":
+            lines.append(f"differs: {d['tensor']} (max abs error {d['max_abs_error']:.6g})")
+        elif d["problem"] == "shape or dtype":
+            lines.append(f"differs: {d['tensor']} (expected {d['expected']}, found {d['found']})")
+        else:
+            lines.append(f"{d['problem']}: {d['tensor']}")
+    if r["identical"]:
+        lines.append(f"identical: {r['tensors']} tensors ({r['folded']} folded) match base ⊙ adapter bit for bit")
+    else:
+        lines.append(f"not identical: {len(r['differences'])} tensor(s) differ, are missing or extra")
+    return "\n".join(lines)

@@ -146,6 +146,10 @@ class Adapter:
     def head_array(self, name: str) -> np.ndarray:
         return self._reader.array(self.heads[name].key)
 
+    def head_bytes(self, name: str, start: int, length: int) -> bytes:
+        """``length`` raw bytes of head tensor ``name`` from byte ``start`` (for streaming copies)."""
+        return self._reader.read_bytes(self.heads[name].key, start, length)
+
     def sha256(self) -> str:
         """Hash of the adapter weights file, recorded as provenance in merged outputs."""
         h = hashlib.sha256()

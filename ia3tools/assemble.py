@@ -1,0 +1,138 @@
+"""The merged model described tensor by tensor, before anything is written: for each output tensor,
+its name, dtype, shape and where its bytes come from (a raw byte range of a base shard, a fold, a
+dtype conversion, or an adapter head). ``merge`` writes this description; ``verify`` recomputes it
+and compares it with a merged directory, so the two can never drift apart."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ia3tools.errors import FoldError
+from ia3tools.fold import NonFinite, block_scale, row_blocks
+from ia3tools.formats.adapter import Adapter
+from ia3tools.formats.checkpoint import Checkpoint, TensorRef
+from ia3tools.formats.dtypes import DTYPES
+from ia3tools.formats.safetensors import SafetensorsFile
+from ia3tools.plan import FoldPlan
+from ia3tools.write import OutTensor, RawSource
+
+
+@dataclass
+class Assembly:
+    """Output tensors grouped by the base shard they come from (added heads go with the last)."""
+
+    shards: dict[str, list[OutTensor]]
+    folded: list[str]  # output names of folded weights and biases
+    replaced: list[str]  # output names of base tensors replaced by heads
+    added: list[str]  # output names of heads the base lacked
+
+    def all_tensors(self) -> list[OutTensor]:
+        return [t for tensors in self.shards.values() for t in tensors]
+
+
+def _blocks(ref_shape: tuple[int, ...], dtype: str):
+    itemsize = DTYPES[dtype].bits // 8
+    if not ref_shape:
+        yield 0, 1, itemsize, ref_shape
+        return
+    row_bytes = itemsize
+    for d in ref_shape[1:]:
+        row_bytes *= d
+    for lo, n in row_blocks(ref_shape, itemsize):
+        yield lo, n, row_bytes, (n,) + ref_shape[1:]
+
+
+def _producer(read: Callable[[int, int], bytes], shape, dtype, out_dtype, scale, folder, where: str):
+    """Block-by-block bytes of ``read``'s tensor, converted to ``out_dtype`` and scaled by ``scale``."""
+
+    def chunks():
+        for lo, n, row_bytes, block_shape in _blocks(shape, dtype):
+            raw = read(lo * row_bytes, n * row_bytes)
+            s = block_scale(scale, lo, n) if scale is not None else None
+            try:
+                yield folder.fold(raw, dtype, block_shape, s, out_dtype)
+            except NonFinite as exc:
+                raise FoldError(
+                    f"folding gives {exc.args[0]} non-finite value(s) after the cast to {out_dtype} "
+                    f"(overflow: the vector pushes the weight past the dtype's range)",
+                    tensor=where,
+                ) from None
+
+    return chunks
+
+
+def assemble(ckpt: Checkpoint, adapter: Adapter, plan: FoldPlan, folder,
+             dtype_for: Callable[[TensorRef], str]) -> Assembly:
+    """Describe the merged model. ``dtype_for`` gives each base tensor's output dtype (its own
+    unless ``--dtype`` converts floating tensors)."""
+    touched = plan.by_base_tensor()
+    heads = {h.replaces: h for h in plan.heads if h.replaces}
+    shards: dict[str, list[OutTensor]] = {}
+    folded, replaced, added = [], [], []
+    for shard, refs in ckpt.shard_tensors().items():
+        reader = ckpt.files[shard]
+        out = shards.setdefault(shard, [])
+        for ref in refs:
+            name = plan.output_name(ref.name)
+            out_dtype = dtype_for(ref)
+            read = _reader(reader, ref.name)
+            if ref.name in heads:
+                head = heads[ref.name]
+                info = adapter.heads[head.name]
+                out.append(_head_tensor(adapter, info, name, out_dtype, folder))
+                replaced.append(name)
+            elif ref.name in touched:
+                fold, part = touched[ref.name]
+                vector = adapter.vectors[fold.module]
+                scale = fold.scale(vector, ref.shape) if part == "weight" else vector.reshape(-1)
+                chunks = _producer(read, ref.shape, ref.dtype, out_dtype, scale, folder, ref.name)
+                out.append(OutTensor(name, out_dtype, ref.shape, _size(out_dtype, ref.numel), chunks=chunks))
+                folded.append(name)
+            elif out_dtype == ref.dtype and isinstance(reader, SafetensorsFile):
+                start = reader.header.data_start + reader.tensors[ref.name].begin
+                out.append(OutTensor(name, ref.dtype, ref.shape, ref.nbytes, raw=RawSource(reader.fileno(), start, ref.nbytes)))
+            else:
+                chunks = _producer(read, ref.shape, ref.dtype, out_dtype, None, folder, ref.name)
+                out.append(OutTensor(name, out_dtype, ref.shape, _size(out_dtype, ref.numel), chunks=chunks))
+    last = list(shards)[-1]
+    head_dtype = _model_dtype(ckpt, dtype_for)
+    for head in plan.heads:
+        if head.replaces is None:
+            name = plan.head_output(head)
+            shards[last].append(_head_tensor(adapter, adapter.heads[head.name], name, head_dtype, folder))
+            added.append(name)
+    return Assembly(shards, folded, replaced, added)
+
+
+def _reader(reader, name):
+    return lambda start, length: reader.read_bytes(name, start, length)
+
+
+def _size(dtype: str, numel: int) -> int:
+    return DTYPES[dtype].bits * numel // 8
+
+
+def _head_tensor(adapter: Adapter, info, name: str, out_dtype: str, folder) -> OutTensor:
+    """A ``modules_to_save`` tensor, cast to the dtype the model holds it in (PEFT loads the saved
+    head into the model's own parameter, which casts it)."""
+    if not DTYPES[info.dtype].foldable:
+        out_dtype = info.dtype
+    def read(start: int, length: int) -> bytes:
+        return adapter.head_bytes(info.name, start, length)
+
+    chunks = _producer(read, info.shape, info.dtype, out_dtype, None, folder, info.key)
+    return OutTensor(name, out_dtype, info.shape, _size(out_dtype, int(np.prod(info.shape, dtype=np.int64))),
+                     chunks=chunks)
+
+
+def _model_dtype(ckpt: Checkpoint, dtype_for) -> str:
+    """The floating dtype holding most of the model's bytes (what a new head is created in)."""
+    totals: dict[str, int] = {}
+    for ref in ckpt.tensors.values():
+        if DTYPES[ref.dtype].foldable:
+            d = dtype_for(ref)
+            totals[d] = totals.get(d, 0) + ref.nbytes
+    return max(totals, key=totals.get) if totals else "F32"

@@ -1,0 +1,117 @@
+"""Pure fold arithmetic, exactly as PEFT's ``merge``: ``weight.float() * vector``, cast once back to
+the weight's dtype (round to nearest even), then checked for finiteness after the cast (an fp16
+weight times 2 can overflow to inf).
+
+Two interchangeable folders work on raw little-endian bytes, one row block at a time, so memory
+stays bounded by the block size whatever the tensor or model size: ``NumpyFolder`` (CPU, never
+imports torch) and ``TorchFolder`` (any torch device, e.g. CUDA). Both produce the same bits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ia3tools.formats.dtypes import DTYPES
+
+BLOCK_BYTES = 32 * 1024 * 1024  # bytes of the source tensor read per block
+
+
+def compute_dtype(dtype: str) -> str:
+    """PEFT multiplies by a float32 vector, so torch promotes to float32 (float64 stays float64)."""
+    return "F64" if dtype == "F64" else "F32"
+
+
+def row_blocks(shape: tuple[int, ...], itemsize: int, block_bytes: int = BLOCK_BYTES):
+    """(first row, row count) blocks along axis 0, each at most ``block_bytes`` (at least one row)."""
+    rows = shape[0] if shape else 1
+    row_bytes = itemsize
+    for d in shape[1:]:
+        row_bytes *= d
+    per_block = max(1, block_bytes // max(row_bytes, 1))
+    for lo in range(0, rows, per_block):
+        yield lo, min(per_block, rows - lo)
+
+
+def block_scale(scale: np.ndarray, lo: int, n: int) -> np.ndarray:
+    """The slice of a broadcastable scale that applies to rows ``lo:lo+n``."""
+    return scale[lo : lo + n] if scale.shape[0] > 1 else scale
+
+
+class NonFinite(ValueError):
+    """Raised with the count of non-finite values a fold produced."""
+
+
+class NumpyFolder:
+    """Fold on the CPU with numpy (bf16 through ml_dtypes, which rounds like torch)."""
+
+    device = "cpu"
+
+    def decode(self, raw: bytes, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+        return np.frombuffer(raw, dtype=DTYPES[dtype].numpy).reshape(shape)
+
+    def fold(self, raw: bytes, dtype: str, shape: tuple[int, ...], scale: np.ndarray | None,
+             out_dtype: str | None = None) -> bytes:
+        """``raw`` (``dtype``, ``shape``) cast to ``out_dtype``, then times ``scale`` in float32 and
+        cast back; ``scale`` None only converts."""
+        out_dtype = out_dtype or dtype
+        x = self.decode(raw, dtype, shape)
+        if out_dtype != dtype:  # from_pretrained(dtype=...) casts before PEFT merges
+            x = x.astype(DTYPES[out_dtype].numpy)
+        if scale is None:
+            return x.tobytes()
+        compute = DTYPES[compute_dtype(out_dtype)].numpy
+        y = (x.astype(compute) * scale.astype(compute, copy=False)).astype(DTYPES[out_dtype].numpy)
+        bad = int(np.count_nonzero(~np.isfinite(y)))
+        if bad:
+            raise NonFinite(bad)
+        return y.tobytes()
+
+
+class TorchFolder:
+    """Fold on a torch device. Same arithmetic as ``NumpyFolder`` (torch's own type promotion is
+    what PEFT uses, so on CUDA this is PEFT-on-GPU)."""
+
+    def __init__(self, device: str):
+        import torch
+
+        self.torch = torch
+        self.device = device
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            from ia3tools.errors import Ia3Error
+
+            raise Ia3Error("--device cuda: torch reports no CUDA device")
+
+    def _dtype(self, name: str):
+        from ia3tools.formats.dtypes import to_torch
+
+        return to_torch(name)
+
+    def fold(self, raw: bytes, dtype: str, shape: tuple[int, ...], scale: np.ndarray | None,
+             out_dtype: str | None = None) -> bytes:
+        torch = self.torch
+        out_dtype = out_dtype or dtype
+        x = torch.frombuffer(bytearray(raw), dtype=self._dtype(dtype)).reshape(shape)
+        x = x.to(self.device, non_blocking=True).to(self._dtype(out_dtype))
+        if scale is not None:
+            s = torch.from_numpy(np.ascontiguousarray(scale)).to(self.device, non_blocking=True)
+            x = torch.mul(x, s).to(self._dtype(out_dtype))  # promotes to float32 like PEFT
+            bad = int((~torch.isfinite(x)).sum())
+            if bad:
+                raise NonFinite(bad)
+        x = x.cpu()
+        if x.dtype == torch.bfloat16:
+            x = x.view(torch.int16)
+        return x.numpy().tobytes()
+
+
+def make_folder(device: str):
+    """``cpu`` (numpy), ``cuda[:N]`` (torch), or ``auto`` (CUDA when torch sees one, else CPU)."""
+    if device == "cpu":
+        return NumpyFolder()
+    if device == "auto":
+        try:
+            import torch
+        except ImportError:  # pragma: no cover - torch is a dependency
+            return NumpyFolder()
+        return TorchFolder("cuda") if torch.cuda.is_available() else NumpyFolder()
+    return TorchFolder(device)

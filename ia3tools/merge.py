@@ -1,0 +1,207 @@
+"""``merge``: fold an adapter into its base checkpoint, tensor by tensor, into a standard Hugging
+Face model directory, published atomically.
+
+Tensors no vector touches are copied as raw bytes in the kernel; folded tensors are streamed in
+row blocks; so memory stays flat whatever the model or shard size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ia3tools import __version__
+from ia3tools.assemble import Assembly, assemble
+from ia3tools.check import plan_report
+from ia3tools.errors import OutputError, PlanError
+from ia3tools.fold import make_folder
+from ia3tools.formats import open_checkpoint, read_adapter
+from ia3tools.formats.checkpoint import WEIGHT_NAMES, resolve_member
+from ia3tools.formats.dtypes import DTYPES
+from ia3tools.write import OutTensor, Staging, check_output_path, write_index, write_safetensors
+
+# adapter task_type -> the transformers class suffix whose head it trains
+TASK_CLASSES = {
+    "SEQ_CLS": "ForSequenceClassification",
+    "TOKEN_CLS": "ForTokenClassification",
+    "QUESTION_ANS": "ForQuestionAnswering",
+    "CAUSAL_LM": "ForCausalLM",
+    "SEQ_2_SEQ_LM": "ForConditionalGeneration",
+}
+_WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    device: str = "cpu"  # "cpu", "cuda[:N]" or "auto"
+    dtype: str | None = None  # safetensors dtype for floating tensors; None keeps each tensor's own
+    max_shard_size: int | None = None  # bytes; None keeps the base's shard layout
+    dry_run: bool = False
+    force: bool = False
+    progress: bool = False
+
+
+def parse_size(text: str) -> int:
+    """'2GB', '500MB', '10GiB' or a plain byte count -> bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    t = text.strip().upper()
+    number = t.rstrip("KMGTIB")
+    unit = t[len(number):]
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"not a size: {text!r} (try 2GB or 500MB)") from None
+    if unit not in units or value <= 0:
+        raise ValueError(f"not a size: {text!r} (try 2GB or 500MB)")
+    return int(value * units[unit])
+
+
+def merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike | None,
+          options: MergeOptions = MergeOptions()) -> dict:
+    """Fold ``adapter`` into ``base`` and write the merged model to ``out``; returns the report.
+    ``out`` may be None only for a dry run."""
+    started = time.perf_counter()
+    base, adapter_path = Path(base), Path(adapter)
+    out = Path(out) if out is not None else None
+    if out is None and not options.dry_run:
+        raise OutputError("no output directory given")
+    ckpt = open_checkpoint(base)
+    ad = read_adapter(adapter_path)
+    try:
+        from ia3tools.plan import build_plan
+
+        plan = build_plan(ckpt, ad)
+        if not plan.ok:
+            first = plan.errors[0].line().removeprefix("error: ")
+            more = f" (and {len(plan.errors) - 1} more; run `ia3tools check`)" if len(plan.errors) > 1 else ""
+            raise PlanError(f"adapter does not fit the base: {first}{more}", path=adapter_path)
+        if out is not None:
+            check_output_path(out, [base, adapter_path], options.force)
+        folder = make_folder(options.device)
+        dtype_for = _dtype_rule(options.dtype)
+        assembly = assemble(ckpt, ad, plan, folder, dtype_for)
+        layout = _layout(ckpt, assembly, options.max_shard_size)
+        report = {
+            "output": str(out) if out is not None else None,
+            "base": str(base),
+            "adapter": str(adapter_path),
+            "adapter_sha256": ad.sha256(),
+            "tool": f"ia3tools {__version__}",
+            "device": folder.device,
+            "dtype": options.dtype or "kept",
+            "tensors": len(assembly.all_tensors()),
+            "folded": len(assembly.folded),
+            "heads_replaced": len(assembly.replaced),
+            "heads_added": len(assembly.added),
+            "shards": [{"name": n, "tensors": len(ts), "bytes": sum(t.nbytes for t in ts)} for n, ts in layout.items()],
+            "bytes": sum(t.nbytes for t in assembly.all_tensors()),
+            "dry_run": options.dry_run,
+        }
+        if options.dry_run:
+            report["plan"] = plan_report(plan, base=base, adapter=adapter_path, vectors=len(ad.vectors))
+            return report
+        metadata = {
+            "format": "pt",
+            "ia3tools_version": __version__,
+            "ia3tools_adapter_sha256": report["adapter_sha256"],
+            "ia3tools_adapter": adapter_path.resolve().name,
+        }
+        with Staging(out, options.force) as staging:
+            _write_weights(staging.path, layout, metadata, report["bytes"], options.progress)
+            _copy_side_files(ckpt, staging.path)
+            if plan.names.rename_output:
+                _retarget_config(staging.path, ad, plan, assembly)
+            staging.publish()
+        report["seconds"] = round(time.perf_counter() - started, 3)
+        return report
+    finally:
+        ad.close()
+        ckpt.close()
+
+
+def _dtype_rule(dtype: str | None):
+    if dtype is None:
+        return lambda ref: ref.dtype
+    return lambda ref: dtype if DTYPES[ref.dtype].foldable else ref.dtype
+
+
+def _layout(ckpt, assembly: Assembly, max_shard_size: int | None) -> dict[str, list[OutTensor]]:
+    """Output file name -> tensors. By default the base's shards, renamed to safetensors."""
+    if max_shard_size is None:
+        groups = list(assembly.shards.values())
+    else:
+        groups, current, size = [], [], 0
+        for t in assembly.all_tensors():
+            if current and size + t.nbytes > max_shard_size:
+                groups.append(current)
+                current, size = [], 0
+            current.append(t)
+            size += t.nbytes
+        groups.append(current)
+    if len(groups) == 1:
+        return {"model.safetensors": groups[0]}
+    n = len(groups)
+    if max_shard_size is None and ckpt.format == "safetensors":
+        return dict(zip(assembly.shards, groups))
+    return {f"model-{i + 1:05d}-of-{n:05d}.safetensors": g for i, g in enumerate(groups)}
+
+
+def _write_weights(directory: Path, layout, metadata: dict, total: int, progress: bool) -> None:
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=None if progress else True, leave=False)
+    with bar:
+        for name, tensors in layout.items():
+            write_safetensors(directory / name, tensors, metadata, progress=bar.update)
+    if len(layout) > 1:
+        weight_map = {t.name: name for name, tensors in layout.items() for t in tensors}
+        index_meta = {"total_size": total, **metadata}
+        write_index(directory / "model.safetensors.index.json", weight_map, index_meta)
+
+
+def _copy_side_files(ckpt, directory: Path) -> None:
+    """Copy config, generation config, tokenizer and other files of the base (not its weights)."""
+    if not ckpt.path.is_dir():
+        return
+    for entry in sorted(os.listdir(ckpt.path)):
+        src = ckpt.path / entry
+        if entry in WEIGHT_NAMES or entry.endswith(_WEIGHT_FILE_SUFFIXES) or not src.is_file():
+            continue
+        if entry.startswith("."):
+            continue
+        resolve_member(ckpt.path, entry, ckpt.path, what="side file")
+        shutil.copyfile(src, directory / entry)
+
+
+def _retarget_config(directory: Path, adapter, plan, assembly: Assembly) -> None:
+    """A bare backbone that gained a task head: make config.json name the task model, so that
+    ``AutoModelFor<Task>.from_pretrained`` loads every weight, and size the label maps to the head."""
+    path = directory / "config.json"
+    if not path.exists():
+        return
+    config = json.loads(path.read_text())
+    task = adapter.config.task_type
+    suffix = TASK_CLASSES.get(task or "")
+    if suffix is None:
+        raise OutputError(f"the adapter adds head tensors but its task_type {task!r} names no transformers task",
+                          path=adapter.path)
+    arch = (config.get("architectures") or [""])[0]
+    stem = arch[: -len("Model")] if arch.endswith("Model") else arch
+    if not stem:
+        raise OutputError("config.json names no architecture to derive the task model from", path=path)
+    config["architectures"] = [stem + suffix]
+    if task in ("SEQ_CLS", "TOKEN_CLS"):
+        weights = [t for t in assembly.all_tensors() if t.name in assembly.added and len(t.shape) == 2]
+        if weights:
+            labels = weights[0].shape[0]
+            if len(config.get("id2label") or {}) != labels:
+                config["id2label"] = {str(i): f"LABEL_{i}" for i in range(labels)}
+                config["label2id"] = {f"LABEL_{i}": i for i in range(labels)}
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+

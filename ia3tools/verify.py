@@ -1,0 +1,106 @@
+"""``verify``: prove a merged directory is exactly base ⊙ adapter. The expected model is recomputed
+with the same assembly ``merge`` writes (streamed, row block by row block) and compared bitwise
+with the merged tensors; every other tensor must equal the base's."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ia3tools.assemble import assemble
+from ia3tools.errors import PlanError
+from ia3tools.fold import NumpyFolder
+from ia3tools.formats import open_checkpoint, read_adapter
+from ia3tools.formats.dtypes import DTYPES
+from ia3tools.plan import build_plan
+from ia3tools.write import OutTensor, RawSource
+
+_COMPARE_BLOCK = 16 * 1024 * 1024
+
+
+def verify(base: str | os.PathLike, adapter: str | os.PathLike, merged: str | os.PathLike) -> dict:
+    """Compare ``merged`` with the merge of ``adapter`` into ``base``; returns the report, with
+    ``identical`` true only when every tensor matches bit for bit and none is missing or extra."""
+    ckpt, ad, out = open_checkpoint(base), read_adapter(adapter), open_checkpoint(merged)
+    try:
+        plan = build_plan(ckpt, ad)
+        if not plan.ok:
+            raise PlanError(f"adapter does not fit the base: {plan.errors[0].line().removeprefix('error: ')}",
+                            path=adapter)
+        merged_refs = out.tensors
+
+        def dtype_for(ref):  # a merge made with --dtype converted floating tensors: expect that
+            got = merged_refs.get(plan.output_name(ref.name))
+            if got is not None and DTYPES[ref.dtype].foldable and DTYPES[got.dtype].foldable:
+                return got.dtype
+            return ref.dtype
+
+        expected = assemble(ckpt, ad, plan, NumpyFolder(), dtype_for).all_tensors()
+        differences = []
+        for t in expected:
+            got = merged_refs.get(t.name)
+            if got is None:
+                differences.append({"tensor": t.name, "problem": "missing"})
+            elif (got.dtype, got.shape) != (t.dtype, t.shape):
+                differences.append({"tensor": t.name, "problem": "shape or dtype",
+                                    "expected": [t.dtype, list(t.shape)], "found": [got.dtype, list(got.shape)]})
+            else:
+                err = _compare(t, out.reader(t.name), t.name)
+                if err is not None:
+                    differences.append({"tensor": t.name, "problem": "differs", "max_abs_error": err})
+        names = {t.name for t in expected}
+        differences += [{"tensor": n, "problem": "extra"} for n in merged_refs if n not in names]
+        return {
+            "identical": not differences,
+            "base": str(base),
+            "adapter": str(adapter),
+            "merged": str(merged),
+            "tensors": len(expected),
+            "folded": len(plan.by_base_tensor()),
+            "differences": differences,
+        }
+    finally:
+        ckpt.close()
+        ad.close()
+        out.close()
+
+
+def _expected_blocks(t: OutTensor):
+    if t.raw is not None:
+        return _raw_blocks(t.raw)
+    return t.chunks()
+
+
+def _raw_blocks(raw: RawSource):
+    done = 0
+    while done < raw.nbytes:
+        chunk = os.pread(raw.fd, min(_COMPARE_BLOCK, raw.nbytes - done), raw.offset + done)
+        if not chunk:
+            break
+        yield chunk
+        done += len(chunk)
+
+
+def _compare(t: OutTensor, reader, name: str) -> float | None:
+    """None when equal bit for bit; otherwise the largest absolute difference (inf when a side is
+    non-finite, nan for undecodable dtypes)."""
+    position, worst, differ = 0, 0.0, False
+    for block in _expected_blocks(t):
+        found = reader.read_bytes(name, position, len(block))
+        if found != block:
+            differ = True
+            np_dtype = DTYPES[t.dtype].numpy
+            if np_dtype is None or not (DTYPES[t.dtype].foldable or np_dtype.kind in "iub"):
+                worst = float("nan")
+            else:
+                a = np.frombuffer(block, np_dtype).astype(np.float64)
+                b = np.frombuffer(found, np_dtype).astype(np.float64)
+                with np.errstate(invalid="ignore"):
+                    diff = np.abs(a - b)
+                worst = max(worst, float(np.nanmax(diff)) if np.isfinite(diff).any() else float("inf"))
+        position += len(block)
+    return worst if differ else None
+
+
+__all__ = ["verify"]

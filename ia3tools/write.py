@@ -1,0 +1,247 @@
+"""Writing model directories atomically.
+
+Everything is written into a staging directory beside the output (same filesystem, so the final
+``rename`` is atomic), fsynced, re-opened and validated, and only then renamed into place. A
+process killed midway leaves only a hidden ``.<name>.ia3tools-staging-<pid>-<token>`` directory,
+never something at the output path that looks complete; the next run removes stale ones.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import secrets
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from ia3tools.errors import OutputError
+from ia3tools.formats.safetensors import read_header
+
+STAGING_MARK = ".ia3tools-staging-"
+
+
+@dataclass(frozen=True)
+class RawSource:
+    """Bytes copied verbatim from an open file (never decoded)."""
+
+    fd: int
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    """One tensor to write: its header entry and where its bytes come from (``raw`` is copied in
+    the kernel; ``chunks`` is called to produce the bytes block by block)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    raw: RawSource | None = None
+    chunks: Callable[[], Iterable[bytes]] | None = None
+
+
+def check_output_path(out: Path, inputs: Iterable[Path], force: bool) -> None:
+    """Refuse an output equal to, inside, or containing an input; refuse an existing one unless forced."""
+    real_out = out.resolve()
+    for inp in inputs:
+        real_in = Path(inp).resolve()
+        if real_out == real_in or real_in in real_out.parents:
+            raise OutputError(f"output is inside the input {inp}", path=out)
+        if real_out in real_in.parents:
+            raise OutputError(f"output would contain the input {inp}", path=out)
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise OutputError("output already exists (use --force to replace it)", path=out)
+        if not out.is_dir() or out.is_symlink():
+            raise OutputError("output exists and is not a directory; refusing to replace it", path=out)
+    if not out.parent.exists():
+        raise OutputError(f"parent directory {out.parent} does not exist", path=out)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_staging(out: Path) -> list[Path]:
+    """Remove staging directories for ``out`` left by processes that no longer run."""
+    removed = []
+    prefix = f".{out.name}{STAGING_MARK}"
+    for entry in out.parent.iterdir() if out.parent.exists() else []:
+        if entry.name.startswith(prefix) and entry.is_dir() and not entry.is_symlink():
+            pid_text = entry.name[len(prefix):].split("-")[0]
+            if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+    return removed
+
+
+class Staging:
+    """A staging directory that becomes ``out`` on ``publish()`` and vanishes on any failure."""
+
+    def __init__(self, out: Path, force: bool = False):
+        self.out = out
+        self.force = force
+        self.path = out.parent / f".{out.name}{STAGING_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+
+    def __enter__(self) -> "Staging":
+        remove_stale_staging(self.out)
+        self.path.mkdir()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self.path.exists():
+            shutil.rmtree(self.path, ignore_errors=True)
+        if isinstance(exc, OSError) and not isinstance(exc, OutputError):
+            raise _os_error(exc, self.out) from None
+        return False
+
+    def publish(self) -> None:
+        """fsync every file and the directory, validate, then rename into place atomically."""
+        for f in self.path.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(self.path)
+        validate_directory(self.path)
+        trash = None
+        if self.out.exists():  # --force: move the old output aside first, drop it after the swap
+            trash = self.out.parent / f".{self.out.name}{STAGING_MARK}{os.getpid()}-old-{secrets.token_hex(4)}"
+            os.rename(self.out, trash)
+        try:
+            os.rename(self.path, self.out)
+        except OSError:
+            if trash is not None:
+                os.rename(trash, self.out)
+            raise
+        _fsync_dir(self.out.parent)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _os_error(exc: OSError, out: Path) -> OutputError:
+    reason = {errno.ENOSPC: "disk full", errno.EFBIG: "file size limit reached", errno.EDQUOT: "disk quota exceeded"}
+    why = reason.get(exc.errno, exc.strerror or str(exc))
+    return OutputError(f"cannot write the output: {why}; nothing was written", path=out)
+
+
+def build_header(tensors: list[OutTensor], metadata: dict[str, str]) -> bytes:
+    doc: dict = {"__metadata__": metadata}
+    offset = 0
+    for t in tensors:
+        doc[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(doc, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8 bytes with spaces
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_safetensors(path: Path, tensors: list[OutTensor], metadata: dict[str, str], progress=None) -> None:
+    """Write one safetensors file: header, then each tensor's bytes in order. Adjacent raw tensors
+    from one file are coalesced into a single in-kernel copy."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        header = build_header(tensors, metadata)
+        _write_all(fd, header)
+        position = len(header)
+        for run in _coalesce(tensors):
+            if isinstance(run, RawSource):
+                _copy_range(run, fd, position)
+                position += run.nbytes
+                if progress:
+                    progress(run.nbytes)
+            else:
+                for chunk in run.chunks():
+                    _write_all(fd, chunk)
+                    position += len(chunk)
+                    if progress:
+                        progress(len(chunk))
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _coalesce(tensors: list[OutTensor]) -> Iterator[RawSource | OutTensor]:
+    pending: RawSource | None = None
+    for t in tensors:
+        if t.raw is not None:
+            r = t.raw
+            if pending and pending.fd == r.fd and pending.offset + pending.nbytes == r.offset:
+                pending = RawSource(r.fd, pending.offset, pending.nbytes + r.nbytes)
+                continue
+            if pending:
+                yield pending
+            pending = r
+        else:
+            if pending:
+                yield pending
+                pending = None
+            yield t
+    if pending:
+        yield pending
+
+
+def _copy_range(src: RawSource, dst_fd: int, dst_offset: int) -> None:
+    """Copy ``src`` to the end of ``dst_fd`` in the kernel (copy_file_range, which can share
+    extents on reflink filesystems), falling back to pread/write where unsupported."""
+    done = 0
+    use_cfr = hasattr(os, "copy_file_range")
+    while done < src.nbytes:
+        want = min(src.nbytes - done, 1 << 30)
+        n = 0
+        if use_cfr:
+            try:
+                n = os.copy_file_range(src.fd, dst_fd, want, src.offset + done, dst_offset + done)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                use_cfr = False
+        if not use_cfr:
+            chunk = os.pread(src.fd, min(want, 16 << 20), src.offset + done)
+            if not chunk:
+                raise OSError(errno.EIO, "source file ended early")
+            _write_all(dst_fd, chunk)
+            n = len(chunk)
+        if n == 0:
+            raise OSError(errno.EIO, "source file ended early")
+        done += n
+    os.lseek(dst_fd, dst_offset + src.nbytes, os.SEEK_SET)
+
+
+def write_index(path: Path, weight_map: dict[str, str], metadata: dict) -> None:
+    path.write_text(json.dumps({"metadata": metadata, "weight_map": weight_map}, indent=2) + "\n")
+
+
+def validate_directory(directory: Path) -> None:
+    """Re-open every safetensors file (full header validation) and the index, if any."""
+    from ia3tools.formats.checkpoint import open_checkpoint
+
+    for f in directory.iterdir():
+        if f.suffix == ".safetensors":
+            read_header(f)
+    ckpt = open_checkpoint(directory)
+    ckpt.close()
