@@ -5,6 +5,7 @@ and compares it with a merged directory, so the two can never drift apart."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -45,12 +46,28 @@ def _blocks(ref_shape: tuple[int, ...], dtype: str):
         yield lo, n, row_bytes, (n,) + ref_shape[1:]
 
 
+def _read_ahead(read: Callable[[int, int], bytes], blocks: list):
+    """Yield (block, bytes) while a worker thread already reads the next block, so disk reads
+    overlap the fold (and, on a GPU, the transfers) and the caller's writes."""
+    if len(blocks) == 1:
+        lo, n, row_bytes, _ = blocks[0]
+        yield blocks[0], read(lo * row_bytes, n * row_bytes)
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(read, blocks[0][0] * blocks[0][2], blocks[0][1] * blocks[0][2])
+        for i, block in enumerate(blocks):
+            raw = pending.result()
+            if i + 1 < len(blocks):
+                lo, n, row_bytes, _ = blocks[i + 1]
+                pending = pool.submit(read, lo * row_bytes, n * row_bytes)
+            yield block, raw
+
+
 def _producer(read: Callable[[int, int], bytes], shape, dtype, out_dtype, scale, folder, where: str):
     """Block-by-block bytes of ``read``'s tensor, converted to ``out_dtype`` and scaled by ``scale``."""
 
     def chunks():
-        for lo, n, row_bytes, block_shape in _blocks(shape, dtype):
-            raw = read(lo * row_bytes, n * row_bytes)
+        for (lo, n, _, block_shape), raw in _read_ahead(read, list(_blocks(shape, dtype))):
             s = block_scale(scale, lo, n) if scale is not None else None
             try:
                 yield folder.fold(raw, dtype, block_shape, s, out_dtype)

@@ -21,8 +21,10 @@ def compute_dtype(dtype: str) -> str:
     return "F64" if dtype == "F64" else "F32"
 
 
-def row_blocks(shape: tuple[int, ...], itemsize: int, block_bytes: int = BLOCK_BYTES):
-    """(first row, row count) blocks along axis 0, each at most ``block_bytes`` (at least one row)."""
+def row_blocks(shape: tuple[int, ...], itemsize: int, block_bytes: int | None = None):
+    """(first row, row count) blocks along axis 0, each at most ``block_bytes`` (default
+    ``BLOCK_BYTES``), at least one row."""
+    block_bytes = block_bytes or BLOCK_BYTES
     rows = shape[0] if shape else 1
     row_bytes = itemsize
     for d in shape[1:]:
@@ -60,7 +62,8 @@ class NumpyFolder:
         if scale is None:
             return x.tobytes()
         compute = DTYPES[compute_dtype(out_dtype)].numpy
-        y = (x.astype(compute) * scale.astype(compute, copy=False)).astype(DTYPES[out_dtype].numpy)
+        with np.errstate(over="ignore", invalid="ignore"):  # counted below, reported by name
+            y = (x.astype(compute) * scale.astype(compute, copy=False)).astype(DTYPES[out_dtype].numpy)
         bad = int(np.count_nonzero(~np.isfinite(y)))
         if bad:
             raise NonFinite(bad)
