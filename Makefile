@@ -26,11 +26,11 @@ test: $(VENV)/.installed-test
 	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 demo: $(VENV)/.installed-demo
-	rm -rf $(DEMO)
-	$(VENV)/bin/ia3tools inspect fixtures/llama/adapter
-	$(VENV)/bin/ia3tools check fixtures/llama/base fixtures/llama/adapter
-	$(VENV)/bin/ia3tools merge fixtures/llama/base fixtures/llama/adapter -o $(DEMO)/merged
-	$(VENV)/bin/ia3tools verify fixtures/llama/base fixtures/llama/adapter $(DEMO)/merged
+	@rm -rf $(DEMO)
+	@echo "$$ ia3tools inspect fixtures/llama/adapter"; $(VENV)/bin/ia3tools inspect fixtures/llama/adapter
+	@echo "$$ ia3tools check fixtures/llama/base fixtures/llama/adapter"; $(VENV)/bin/ia3tools check fixtures/llama/base fixtures/llama/adapter
+	@echo "$$ ia3tools merge fixtures/llama/base fixtures/llama/adapter -o $(DEMO)/merged"; $(VENV)/bin/ia3tools merge fixtures/llama/base fixtures/llama/adapter -o $(DEMO)/merged
+	@echo "$$ ia3tools verify fixtures/llama/base fixtures/llama/adapter $(DEMO)/merged"; $(VENV)/bin/ia3tools verify fixtures/llama/base fixtures/llama/adapter $(DEMO)/merged
 
 # Regenerate the checked-in fixtures (deterministic; needs the test extras for peft).
 fixtures: $(VENV)/.installed-test

@@ -103,7 +103,7 @@ def render_merge(r: dict) -> str:
         return "\n".join(lines)
     return "\n".join([
         f"merged {r['folded']} tensors of {r['tensors']}{heads} -> {r['output']} "
-        f"({shards}, {human_bytes(r['bytes'])}) in {r['seconds']:.2f} s on {r['device']}",
+        f"({shards}, {human_bytes(r['bytes'])}) on {r['device']}",
         f"adapter sha256 {r['adapter_sha256']}",
     ])
 

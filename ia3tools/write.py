@@ -60,8 +60,11 @@ def check_output_path(out: Path, inputs: Iterable[Path], force: bool) -> None:
             raise OutputError("output already exists (use --force to replace it)", path=out)
         if not out.is_dir() or out.is_symlink():
             raise OutputError("output exists and is not a directory; refusing to replace it", path=out)
-    if not out.parent.exists():
-        raise OutputError(f"parent directory {out.parent} does not exist", path=out)
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(f"{parent} is not a directory", path=out)
+            break
 
 
 def _pid_alive(pid: int) -> bool:
@@ -96,6 +99,9 @@ class Staging:
         self.path = out.parent / f".{out.name}{STAGING_MARK}{os.getpid()}-{secrets.token_hex(4)}"
 
     def __enter__(self) -> "Staging":
+        # Create missing parents of the output (and remember them, to remove them on failure).
+        self.created = [p for p in reversed(self.out.parents) if not p.exists()]
+        self.out.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_staging(self.out)
         self.path.mkdir()
         return self
@@ -103,6 +109,12 @@ class Staging:
     def __exit__(self, exc_type, exc, tb):
         if self.path.exists():
             shutil.rmtree(self.path, ignore_errors=True)
+        if exc_type is not None:
+            for parent in reversed(self.created):
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
         if isinstance(exc, OSError) and not isinstance(exc, OutputError):
             raise _os_error(exc, self.out) from None
         return False

@@ -57,10 +57,8 @@ def test_output_containing_an_input_is_refused(tmp_path, fixture_copy):
     assert base.exists()
 
 
-def test_fp16_overflow_after_the_cast_is_named(tmp_path):
-    from safetensors.numpy import load_file
-
-    base, adapter = tmp_path / "base", tmp_path / "adapter"
+def overflow_pair(root):
+    base, adapter = root / "base", root / "adapter"
     base.mkdir()
     adapter.mkdir()
     w = np.full((4, 4), 40000.0, dtype=np.float16)  # x 2.0 = 80000 > fp16 max 65504
@@ -69,6 +67,13 @@ def test_fp16_overflow_after_the_cast_is_named(tmp_path):
               str(adapter / "adapter_model.safetensors"))
     (adapter / "adapter_config.json").write_text(json.dumps(
         {"peft_type": "IA3", "target_modules": ["proj"], "feedforward_modules": []}))
+    return base, adapter
+
+
+def test_fp16_overflow_after_the_cast_is_named(tmp_path):
+    from safetensors.numpy import load_file
+
+    base, adapter = overflow_pair(tmp_path)
     out = tmp_path / "merged"
     result = run("merge", base, adapter, "-o", out)
     assert result.exit_code == 1
@@ -203,3 +208,12 @@ def test_disk_full_is_a_clean_error(tmp_path):
     assert proc.returncode == 1
     assert err == f"Error: {out}: cannot write the output: file size limit reached; nothing was written\n"
     assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_missing_parents_are_created_and_removed_again_on_failure(tmp_path):
+    out = tmp_path / "a" / "b" / "merged"
+    assert run("merge", *LLAMA, "-o", out, "-q").exit_code == 0 and out.is_dir()
+    bad = tmp_path / "c" / "d" / "merged"
+    (tmp_path / "pair").mkdir()
+    result = run("merge", *overflow_pair(tmp_path / "pair"), "-o", bad)  # fails while writing
+    assert result.exit_code == 1 and not (tmp_path / "c").exists()
