@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO := demo-out
 
-.PHONY: demo test fixtures clean
+.PHONY: demo test bench fixtures clean
 
 $(VENV)/.base:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,15 @@ demo: $(VENV)/.installed-demo
 	@echo "$$ ia3tools check fixtures/llama/base fixtures/llama/adapter"; $(VENV)/bin/ia3tools check fixtures/llama/base fixtures/llama/adapter
 	@echo "$$ ia3tools merge fixtures/llama/base fixtures/llama/adapter -o $(DEMO)/merged"; $(VENV)/bin/ia3tools merge fixtures/llama/base fixtures/llama/adapter -o $(DEMO)/merged
 	@echo "$$ ia3tools verify fixtures/llama/base fixtures/llama/adapter $(DEMO)/merged"; $(VENV)/bin/ia3tools verify fixtures/llama/base fixtures/llama/adapter $(DEMO)/merged
+
+$(VENV)/.installed-bench: $(VENV)/.base pyproject.toml
+	$(PY) -m pip install -q -e '.[bench]'
+	touch $@
+
+# Regenerates bench/out/results.{json,png} (sizes in GB: make bench SIZES="2 8").
+SIZES ?= 2
+bench: $(VENV)/.installed-bench
+	$(PY) bench/run.py --sizes $(SIZES)
 
 # Regenerate the checked-in fixtures (deterministic; needs the test extras for peft).
 fixtures: $(VENV)/.installed-test

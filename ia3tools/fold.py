@@ -13,7 +13,7 @@ import numpy as np
 
 from ia3tools.formats.dtypes import DTYPES
 
-BLOCK_BYTES = 32 * 1024 * 1024  # bytes of the source tensor read per block
+BLOCK_BYTES = 16 * 1024 * 1024  # bytes of the source tensor read per block
 
 
 def compute_dtype(dtype: str) -> str:
@@ -39,6 +39,11 @@ def block_scale(scale: np.ndarray, lo: int, n: int) -> np.ndarray:
     return scale[lo : lo + n] if scale.shape[0] > 1 else scale
 
 
+def _as_bytes(a: np.ndarray) -> memoryview:
+    """The array's bytes without a copy (a flat unsigned-byte view)."""
+    return memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+
+
 class NonFinite(ValueError):
     """Raised with the count of non-finite values a fold produced."""
 
@@ -52,7 +57,7 @@ class NumpyFolder:
         return np.frombuffer(raw, dtype=DTYPES[dtype].numpy).reshape(shape)
 
     def fold(self, raw: bytes, dtype: str, shape: tuple[int, ...], scale: np.ndarray | None,
-             out_dtype: str | None = None) -> bytes:
+             out_dtype: str | None = None) -> memoryview:
         """``raw`` (``dtype``, ``shape``) cast to ``out_dtype``, then times ``scale`` in float32 and
         cast back; ``scale`` None only converts."""
         out_dtype = out_dtype or dtype
@@ -60,14 +65,14 @@ class NumpyFolder:
         if out_dtype != dtype:  # from_pretrained(dtype=...) casts before PEFT merges
             x = x.astype(DTYPES[out_dtype].numpy)
         if scale is None:
-            return x.tobytes()
+            return _as_bytes(x)
         compute = DTYPES[compute_dtype(out_dtype)].numpy
         with np.errstate(over="ignore", invalid="ignore"):  # counted below, reported by name
             y = (x.astype(compute) * scale.astype(compute, copy=False)).astype(DTYPES[out_dtype].numpy)
         bad = int(np.count_nonzero(~np.isfinite(y)))
         if bad:
             raise NonFinite(bad)
-        return y.tobytes()
+        return _as_bytes(y)
 
 
 class TorchFolder:

@@ -14,6 +14,8 @@ import os
 import secrets
 import shutil
 import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -166,35 +168,73 @@ def build_header(tensors: list[OutTensor], metadata: dict[str, str]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def write_safetensors(path: Path, tensors: list[OutTensor], metadata: dict[str, str], progress=None) -> None:
-    """Write one safetensors file: header, then each tensor's bytes in order. Adjacent raw tensors
-    from one file are coalesced into a single in-kernel copy."""
+def write_safetensors(path: Path, tensors: list[OutTensor], metadata: dict[str, str], progress=None,
+                      workers: int = 2) -> None:
+    """Write one safetensors file. Every tensor's offset is fixed by the header, so the raw runs
+    (copied in the kernel) and the computed tensors (folded block by block) are written at their
+    offsets concurrently, by ``workers`` threads. Written ranges are handed to the kernel for
+    writeback at once, so the final fsync has little left to wait for."""
+    header = build_header(tensors, metadata)
+    jobs: list[tuple[int, RawSource | OutTensor]] = []
+    position = len(header)
+    for run in _coalesce(tensors):
+        jobs.append((position, run))
+        position += run.nbytes
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+    stop = threading.Event()
     try:
-        header = build_header(tensors, metadata)
-        _write_all(fd, header)
-        position = len(header)
-        for run in _coalesce(tensors):
-            if isinstance(run, RawSource):
-                _copy_range(run, fd, position)
-                position += run.nbytes
+        if position:
+            os.posix_fallocate(fd, 0, position)  # a full disk fails here, before any real work
+        _pwrite_all(fd, header, 0)
+        raw_jobs = [(off, job) for off, job in jobs if isinstance(job, RawSource)]
+        computed = [(off, job) for off, job in jobs if not isinstance(job, RawSource)]
+
+        def copy_raw():
+            for offset, src in raw_jobs:
+                if stop.is_set():
+                    return
+                _copy_range(src, fd, offset)
+                _start_writeback(fd, offset, src.nbytes)
                 if progress:
-                    progress(run.nbytes)
-            else:
-                for chunk in run.chunks():
-                    _write_all(fd, chunk)
-                    position += len(chunk)
-                    if progress:
-                        progress(len(chunk))
+                    progress(src.nbytes)
+
+        def write_computed(offset: int, tensor: OutTensor):
+            start = offset
+            for chunk in tensor.chunks():
+                if stop.is_set():
+                    return
+                _pwrite_all(fd, chunk, offset)
+                offset += len(chunk)
+                if progress:
+                    progress(len(chunk))
+            _start_writeback(fd, start, offset - start)
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(copy_raw)] + [pool.submit(write_computed, off, t) for off, t in computed]
+            try:
+                for future in futures:
+                    future.result()
+            except BaseException:
+                stop.set()
+                for future in futures:
+                    future.cancel()
+                raise
     finally:
         os.close(fd)
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data).cast("B")
     while view:
-        n = os.write(fd, view)
-        view = view[n:]
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing back (and then drop) these pages now, not at fsync time:
+    overlaps the disk writes with the remaining work and keeps written data out of the cache."""
+    if length and hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
 def _coalesce(tensors: list[OutTensor]) -> Iterator[RawSource | OutTensor]:
@@ -218,8 +258,9 @@ def _coalesce(tensors: list[OutTensor]) -> Iterator[RawSource | OutTensor]:
 
 
 def _copy_range(src: RawSource, dst_fd: int, dst_offset: int) -> None:
-    """Copy ``src`` to the end of ``dst_fd`` in the kernel (copy_file_range, which can share
-    extents on reflink filesystems), falling back to pread/write where unsupported."""
+    """Copy ``src`` to ``dst_offset`` of ``dst_fd`` in the kernel (copy_file_range, which can share
+    extents on reflink filesystems), falling back to pread/pwrite where unsupported. Positional on
+    both sides, so several threads may copy into one file at once."""
     done = 0
     use_cfr = hasattr(os, "copy_file_range")
     while done < src.nbytes:
@@ -236,12 +277,11 @@ def _copy_range(src: RawSource, dst_fd: int, dst_offset: int) -> None:
             chunk = os.pread(src.fd, min(want, 16 << 20), src.offset + done)
             if not chunk:
                 raise OSError(errno.EIO, "source file ended early")
-            _write_all(dst_fd, chunk)
+            _pwrite_all(dst_fd, chunk, dst_offset + done)
             n = len(chunk)
         if n == 0:
             raise OSError(errno.EIO, "source file ended early")
         done += n
-    os.lseek(dst_fd, dst_offset + src.nbytes, os.SEEK_SET)
 
 
 def write_index(path: Path, weight_map: dict[str, str], metadata: dict) -> None:
