@@ -68,7 +68,9 @@ class NumpyFolder:
             return _as_bytes(x)
         compute = DTYPES[compute_dtype(out_dtype)].numpy
         with np.errstate(over="ignore", invalid="ignore"):  # counted below, reported by name
-            y = (x.astype(compute) * scale.astype(compute, copy=False)).astype(DTYPES[out_dtype].numpy)
+            wide = x.astype(compute)
+            np.multiply(wide, scale.astype(compute, copy=False), out=wide)
+            y = wide.astype(DTYPES[out_dtype].numpy)
         bad = int(np.count_nonzero(~np.isfinite(y)))
         if bad:
             raise NonFinite(bad)
