@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 
 import click
@@ -159,6 +160,71 @@ def verify_cmd(base, adapter, merged, as_json):
     report = verify(base, adapter, merged)
     emit(report, as_json, render_verify)
     sys.exit(0 if report["identical"] else 1)
+
+
+@cli.command("blend")
+@click.argument("adapters", nargs=-1, required=True)
+@click.option("--weights", "-w", required=True, multiple=True,
+              help="One weight per adapter, in order: --weights 0.7 0.3 (or 0.7,0.3).")
+@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Adapter directory to create.")
+@click.option("--method", type=click.Choice(["linear", "geometric"]), default="linear", show_default=True,
+              help="linear: sum of w*l; geometric: product of l**w (needs positive entries).")
+@click.option("--missing", type=click.Choice(["identity", "zero"]), default="identity", show_default=True,
+              help="A module some adapters lack: they contribute ones (identity) or nothing (zero, PEFT's way).")
+@click.option("--heads-from", default=None, help="Adapter whose modules_to_save heads win where several have one.")
+@click.option("--force", is_flag=True, help="Replace an existing output directory (atomically).")
+@json_option
+@reports_errors
+def blend_cmd(adapters, weights, out, method, missing, heads_from, force, as_json):
+    """Combine IA3 adapters into a new adapter that PEFT loads and `ia3tools merge` accepts.
+
+    Everything is validated before any arithmetic: one weight per adapter, the same
+    fan_in_fan_out, the same orientation and length for every shared module, conflicting heads.
+    """
+    from ia3tools.blend import BlendOptions, blend
+    from ia3tools.render import render_blend
+
+    # click options take one value; the rest of `--weights 0.7 0.3` arrives as trailing positionals.
+    adapters, trailing = _split_trailing_numbers(list(adapters))
+    values = _weights(weights[:1] + tuple(trailing) + weights[1:])
+    for a in adapters:
+        if not os.path.isdir(a):
+            raise click.BadParameter(f"adapter directory {a!r} does not exist", param_hint="ADAPTERS")
+    if len(values) != len(adapters):
+        raise click.UsageError(f"{len(adapters)} adapters but {len(values)} weights: give one weight per adapter")
+    options = BlendOptions(tuple(values), method, missing, heads_from, force)
+    report = blend(list(adapters), out, options)
+    if not as_json:
+        for warning in report["warnings"]:
+            click.echo(f"warning: {warning}", err=True)
+    emit(report, as_json, render_blend)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _split_trailing_numbers(items: list[str]) -> tuple[list[str], list[str]]:
+    """Split positionals into adapter paths and the trailing numbers that are not paths."""
+    end = len(items)
+    while end > 0 and _is_number(items[end - 1]) and not os.path.exists(items[end - 1]):
+        end -= 1
+    return items[:end], items[end:]
+
+
+def _weights(raw: tuple[str, ...]) -> list[float]:
+    values = []
+    for item in raw:
+        for part in item.replace(",", " ").split():
+            try:
+                values.append(float(part))
+            except ValueError:
+                raise click.BadParameter(f"{part!r} is not a number", param_hint="--weights") from None
+    return values
 
 
 def main() -> None:

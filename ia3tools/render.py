@@ -122,3 +122,10 @@ def render_verify(r: dict) -> str:
     else:
         lines.append(f"not identical: {len(r['differences'])} tensor(s) differ, are missing or extra")
     return "\n".join(lines)
+
+
+def render_blend(r: dict) -> str:
+    weights = ", ".join(f"{s['weight']:g} x {s['path']}" for s in r["sources"])
+    partial = f", {r['partial_modules']} missing from some ({r['missing']})" if r["partial_modules"] else ""
+    heads = f", heads: {', '.join(r['heads'])}" if r["heads"] else ""
+    return f"blended {r['modules']} modules{partial}{heads} -> {r['output']} ({r['method']}: {weights})"

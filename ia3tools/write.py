@@ -289,11 +289,13 @@ def write_index(path: Path, weight_map: dict[str, str], metadata: dict) -> None:
 
 
 def validate_directory(directory: Path) -> None:
-    """Re-open every safetensors file (full header validation) and the index, if any."""
+    """Re-open every safetensors file (full header validation), then the directory as what it
+    is: an adapter (config and keys) or a checkpoint (index and shards consistent)."""
+    from ia3tools.formats.adapter import CONFIG_NAME, read_adapter
     from ia3tools.formats.checkpoint import open_checkpoint
 
     for f in directory.iterdir():
         if f.suffix == ".safetensors":
             read_header(f)
-    ckpt = open_checkpoint(directory)
-    ckpt.close()
+    opened = read_adapter(directory) if (directory / CONFIG_NAME).exists() else open_checkpoint(directory)
+    opened.close()

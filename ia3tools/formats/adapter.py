@@ -146,8 +146,8 @@ class Adapter:
     def head_array(self, name: str) -> np.ndarray:
         return self._reader.array(self.heads[name].key)
 
-    def head_bytes(self, name: str, start: int, length: int) -> bytes:
-        """``length`` raw bytes of head tensor ``name`` from byte ``start`` (for streaming copies)."""
+    def head_bytes(self, name: str, start: int = 0, length: int | None = None) -> bytes:
+        """``length`` raw bytes (default: the rest) of head tensor ``name`` from byte ``start``."""
         return self._reader.read_bytes(self.heads[name].key, start, length)
 
     def sha256(self) -> str:

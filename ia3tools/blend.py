@@ -1,0 +1,227 @@
+"""``blend``: combine IA3 adapters into one new, PEFT-loadable adapter.
+
+``linear`` is Σ wᵢ·lᵢ, accumulated in float32 in the adapters' order, exactly as PEFT's
+``add_weighted_adapter``; ``geometric`` is Π lᵢ^wᵢ, computed as exp(Σ wᵢ·log lᵢ) in float64 and
+rounded once to float32. A module some adapters lack counts as a vector of ones (``identity``: that
+adapter leaves the module alone) or is skipped (``zero``, PEFT's behaviour).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ia3tools import __version__
+from ia3tools.errors import Ia3Error
+from ia3tools.formats.adapter import CONFIG_NAME, Adapter, read_adapter
+from ia3tools.write import OutTensor, Staging, check_output_path, write_safetensors
+
+METHODS = ("linear", "geometric")
+MISSING = ("identity", "zero")
+
+
+class BlendError(Ia3Error):
+    """The adapters cannot be blended as asked."""
+
+
+@dataclass(frozen=True)
+class BlendOptions:
+    weights: tuple[float, ...]
+    method: str = "linear"
+    missing: str = "identity"
+    heads_from: str | None = None  # adapter (as given, or its directory name) whose heads win
+    force: bool = False
+
+
+def blend(adapters: list[str | os.PathLike], out: str | os.PathLike, options: BlendOptions) -> dict:
+    """Blend ``adapters`` with ``options`` into a new adapter directory ``out``; returns the report
+    (with its ``warnings``). Everything is validated before any arithmetic."""
+    paths, out = [Path(a) for a in adapters], Path(out)
+    _check_options(paths, options)
+    loaded = [read_adapter(p) for p in paths]
+    try:
+        warnings: list[str] = []
+        _check_compatible(loaded, options, warnings)
+        vectors, partial = _blend_vectors(loaded, options)
+        heads = _pick_heads(loaded, paths, options, warnings)
+        check_output_path(out, paths, options.force)
+        config = _blend_config(loaded)
+        sources = [{"path": str(p), "sha256": a.sha256(), "weight": w}
+                   for p, a, w in zip(paths, loaded, options.weights)]
+        metadata = {
+            "format": "pt",
+            "ia3tools_version": __version__,
+            "ia3tools_blend_method": options.method,
+            "ia3tools_blend_missing": options.missing,
+            "ia3tools_blend_sources": json.dumps(sources),
+        }
+        tensors = [_out_tensor(f"base_model.model.{m}.ia3_l", v) for m, v in sorted(vectors.items())]
+        tensors += [_out_head(a, name) for name, a in sorted(heads.items())]
+        with Staging(out, options.force) as staging:
+            write_safetensors(staging.path / "adapter_model.safetensors", tensors, metadata)
+            (staging.path / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            staging.publish()
+        return {
+            "output": str(out),
+            "method": options.method,
+            "missing": options.missing,
+            "sources": sources,
+            "modules": len(vectors),
+            "partial_modules": partial,
+            "heads": sorted(heads),
+            "warnings": warnings,
+        }
+    finally:
+        for a in loaded:
+            a.close()
+
+
+def _check_options(paths: list[Path], options: BlendOptions) -> None:
+    if len(paths) < 2:
+        raise BlendError("blend needs at least two adapters")
+    if len(options.weights) != len(paths):
+        raise BlendError(f"{len(paths)} adapters but {len(options.weights)} weights: give one weight per adapter")
+    if not all(math.isfinite(w) for w in options.weights):
+        raise BlendError("weights must be finite numbers")
+    if options.method not in METHODS or options.missing not in MISSING:
+        raise BlendError(f"method must be one of {METHODS} and missing one of {MISSING}")
+    if options.heads_from is not None and _index_of(paths, options.heads_from) is None:
+        raise BlendError(f"--heads-from {options.heads_from!r} is not one of the adapters being blended")
+
+
+def _index_of(paths: list[Path], name: str) -> int | None:
+    matches = [i for i, p in enumerate(paths) if name in (str(p), p.name, str(p).rstrip("/"))]
+    if len(matches) > 1:
+        raise BlendError(f"--heads-from {name!r} names several adapters; give its path")
+    return matches[0] if matches else None
+
+
+def _spelling(name: str) -> str:
+    return os.path.normpath(os.path.expanduser(name)).rstrip("/").lower()
+
+
+def _check_compatible(adapters: list[Adapter], options: BlendOptions, warnings: list[str]) -> None:
+    first = adapters[0]
+    for a in adapters[1:]:
+        if a.config.fan_in_fan_out != first.config.fan_in_fan_out:
+            raise BlendError(f"fan_in_fan_out is {str(a.config.fan_in_fan_out).lower()} here but "
+                             f"{str(first.config.fan_in_fan_out).lower()} in {first.path}", path=a.config.path)
+        if a.config.task_type and first.config.task_type and a.config.task_type != first.config.task_type:
+            raise BlendError(f"task_type {a.config.task_type} differs from {first.config.task_type} in {first.path}",
+                             path=a.config.path)
+    names = [a.config.base_model_name_or_path for a in adapters if a.config.base_model_name_or_path]
+    if len(set(names)) > 1:
+        if len({_spelling(n) for n in names}) == 1:
+            warnings.append(f"base_model_name_or_path differs only in spelling: {', '.join(sorted(set(names)))}")
+        else:
+            warnings.append(f"adapters name different bases ({', '.join(sorted(set(names)))}); "
+                            "their vector shapes agree, so blending anyway")
+    seen: dict[str, tuple[Adapter, np.ndarray]] = {}
+    for a in adapters:
+        for module, v in a.vectors.items():
+            if module not in seen:
+                seen[module] = (a, v)
+                continue
+            other, w = seen[module]
+            if v.shape != w.shape:
+                raise BlendError(f"vector shape {list(v.shape)} differs from {list(w.shape)} in {other.path} "
+                                 "(different base models?)", path=a.weights_path, tensor=module)
+            if a.config.is_feedforward(module) != other.config.is_feedforward(module):
+                raise BlendError(f"feed-forward here but not in {other.path} (or the reverse): orientations differ",
+                                 path=a.config.path, tensor=module)
+    if options.method == "linear" and not math.isclose(sum(options.weights), 1.0, abs_tol=1e-9):
+        warnings.append(f"linear weights sum to {sum(options.weights):g}, not 1: every module is rescaled")
+    if options.method == "geometric":
+        for a in adapters:
+            for module, v in a.vectors.items():
+                if not np.all(v > 0):
+                    raise BlendError("geometric blending needs positive entries; this vector has "
+                                     f"{int(np.count_nonzero(v <= 0))} <= 0", path=a.weights_path, tensor=module)
+
+
+def _blend_vectors(adapters: list[Adapter], options: BlendOptions) -> tuple[dict[str, np.ndarray], int]:
+    modules = sorted({m for a in adapters for m in a.vectors})
+    out, partial = {}, 0
+    for module in modules:
+        shape = next(a.vectors[module].shape for a in adapters if module in a.vectors)
+        present = [module in a.vectors for a in adapters]
+        partial += not all(present)
+        if options.missing == "zero" and options.method == "geometric" and not all(present):
+            raise BlendError("geometric blending with --missing zero would zero this module", tensor=module)
+        terms = [(a.vectors.get(module), w) for a, w in zip(adapters, options.weights)]
+        if options.missing == "identity":
+            terms = [(np.ones(shape, np.float32) if v is None else v, w) for v, w in terms]
+        terms = [(v, w) for v, w in terms if v is not None]
+        if options.method == "linear":
+            acc = np.zeros(shape, np.float32)
+            for v, w in terms:  # PEFT: target.data += source.data * weight, in float32, in order
+                acc += v * np.float32(w)
+        else:
+            acc = np.exp(sum(w * np.log(v.astype(np.float64)) for v, w in terms)).astype(np.float32)
+        if not np.all(np.isfinite(acc)):
+            raise BlendError("blend produces non-finite entries", tensor=module)
+        out[module] = acc
+    return out, partial
+
+
+def _pick_heads(adapters, paths, options: BlendOptions, warnings: list[str]) -> dict[str, Adapter]:
+    owners: dict[str, list[int]] = {}
+    for i, a in enumerate(adapters):
+        for name in a.heads:
+            owners.setdefault(name, []).append(i)
+    chosen = None if options.heads_from is None else _index_of(paths, options.heads_from)
+    heads = {}
+    for name, idx in owners.items():
+        if len(idx) > 1:
+            if chosen is None:
+                raise BlendError(f"modules_to_save tensor is in {len(idx)} adapters ({', '.join(str(paths[i]) for i in idx)}); "
+                                 "choose whose heads to keep with --heads-from", tensor=name)
+            if chosen not in idx:
+                raise BlendError(f"--heads-from {options.heads_from!r} lacks this head, which several adapters have",
+                                 tensor=name)
+            heads[name] = adapters[chosen]
+        else:
+            heads[name] = adapters[idx[0]]
+    return heads
+
+
+def _union(values: list, *, suffix_rule: str) -> list[str] | str:
+    """Union of target (or feed-forward) specs. Lists stay lists; any regex makes a regex, with
+    lists rewritten to the regex PEFT's list rule is equivalent to."""
+    if all(isinstance(v, list) for v in values):
+        return sorted({n for v in values for n in v})
+    parts = []
+    for v in values:
+        if isinstance(v, str):
+            parts.append(f"({v})")
+        elif v:
+            names = "|".join(re.escape(n) for n in v)
+            parts.append(f"((?:.*\\.)?(?:{names}))" if suffix_rule == "dot" else f"(.*(?:{names}))")
+    return "|".join(parts) or "(?!)"
+
+
+def _blend_config(adapters: list[Adapter]) -> dict:
+    config = dict(adapters[0].config.raw)
+    config["target_modules"] = _union([a.config.target_modules for a in adapters], suffix_rule="dot")
+    config["feedforward_modules"] = _union([a.config.feedforward_modules for a in adapters], suffix_rule="plain")
+    saved = sorted({m for a in adapters for m in a.config.modules_to_save})
+    config["modules_to_save"] = saved or None
+    config["inference_mode"] = True
+    return config
+
+
+def _out_tensor(key: str, v: np.ndarray) -> OutTensor:
+    data = np.ascontiguousarray(v, dtype=np.float32)
+    return OutTensor(key, "F32", tuple(data.shape), data.nbytes, chunks=lambda: [data.tobytes()])
+
+
+def _out_head(adapter: Adapter, name: str) -> OutTensor:
+    info = adapter.heads[name]
+    data = adapter.head_bytes(name)
+    return OutTensor(info.key, info.dtype, info.shape, len(data), chunks=lambda: [data])
