@@ -31,6 +31,7 @@ demo: $(VENV)/.installed-demo
 	@echo "$$ ia3tools check fixtures/llama/base fixtures/llama/adapter"; $(VENV)/bin/ia3tools check fixtures/llama/base fixtures/llama/adapter
 	@echo "$$ ia3tools merge fixtures/llama/base fixtures/llama/adapter -o $(DEMO)/merged"; $(VENV)/bin/ia3tools merge fixtures/llama/base fixtures/llama/adapter -o $(DEMO)/merged
 	@echo "$$ ia3tools verify fixtures/llama/base fixtures/llama/adapter $(DEMO)/merged"; $(VENV)/bin/ia3tools verify fixtures/llama/base fixtures/llama/adapter $(DEMO)/merged
+	@echo "$$ ia3tools export-onnx $(DEMO)/merged -o $(DEMO)/onnx"; $(VENV)/bin/ia3tools export-onnx $(DEMO)/merged -o $(DEMO)/onnx
 
 $(VENV)/.installed-bench: $(VENV)/.base pyproject.toml
 	$(PY) -m pip install -q -e '.[bench]'

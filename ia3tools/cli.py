@@ -200,6 +200,36 @@ def blend_cmd(adapters, weights, out, method, missing, heads_from, force, as_jso
     emit(report, as_json, render_blend)
 
 
+@cli.command("export-onnx")
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--adapter", type=click.Path(exists=True, file_okay=False),
+              help="Merge this IA3 adapter into MODEL_DIR first (in a temporary directory).")
+@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Directory to create.")
+@click.option("--task", type=click.Choice(["auto", "causal-lm", "seq2seq-lm", "sequence-classification",
+                                           "token-classification", "feature-extraction", "image-classification"]),
+              default="auto", show_default=True,
+              help="Model head to export; auto reads config.json's architectures, then the adapter's task_type.")
+@click.option("--opset", type=click.IntRange(14, 23), default=18, show_default=True, help="ONNX opset.")
+@click.option("--atol", type=click.FloatRange(min=0), default=1e-4, show_default=True,
+              help="Largest absolute parity error accepted.")
+@click.option("--no-parity", is_flag=True, help="Skip the onnxruntime parity check (not recommended).")
+@click.option("--force", is_flag=True, help="Replace an existing output directory (atomically).")
+@json_option
+@reports_errors
+def export_onnx_cmd(model_dir, adapter, out, task, opset, atol, no_parity, force, as_json):
+    """Export a merged model (or MODEL_DIR + --adapter, merged first) to ONNX.
+
+    The export is checked with onnx's checker and proven equal to the torch model by an
+    onnxruntime parity test on differently shaped, padded inputs before it is published.
+    """
+    from ia3tools.export import ExportOptions, export_onnx
+    from ia3tools.render import render_export
+
+    options = ExportOptions(task=task, opset=opset, atol=atol, parity=not no_parity, force=force)
+    report = export_onnx(model_dir, out, options, adapter=adapter, log=lambda m: click.echo(m, err=True))
+    emit(report, as_json, render_export)
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +19,8 @@ from ia3tools.check import plan_report
 from ia3tools.errors import OutputError, PlanError
 from ia3tools.fold import make_folder
 from ia3tools.formats import open_checkpoint, read_adapter
-from ia3tools.formats.checkpoint import WEIGHT_NAMES, resolve_member
 from ia3tools.formats.dtypes import DTYPES
-from ia3tools.write import OutTensor, Staging, check_output_path, write_index, write_safetensors
+from ia3tools.write import OutTensor, Staging, check_output_path, copy_side_files, write_index, write_safetensors
 
 # adapter task_type -> the transformers class suffix whose head it trains
 TASK_CLASSES = {
@@ -32,7 +30,6 @@ TASK_CLASSES = {
     "CAUSAL_LM": "ForCausalLM",
     "SEQ_2_SEQ_LM": "ForConditionalGeneration",
 }
-_WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 
 
 @dataclass(frozen=True)
@@ -113,7 +110,8 @@ def merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.Pat
         }
         with Staging(out, options.force) as staging:
             _write_weights(staging.path, layout, metadata, report["bytes"], options.progress)
-            _copy_side_files(ckpt, staging.path)
+            if ckpt.path.is_dir():
+                copy_side_files(ckpt.path, staging.path)
             if plan.names.rename_output:
                 _retarget_config(staging.path, ad, plan, assembly)
             staging.publish()
@@ -162,20 +160,6 @@ def _write_weights(directory: Path, layout, metadata: dict, total: int, progress
         weight_map = {t.name: name for name, tensors in layout.items() for t in tensors}
         index_meta = {"total_size": total, **metadata}
         write_index(directory / "model.safetensors.index.json", weight_map, index_meta)
-
-
-def _copy_side_files(ckpt, directory: Path) -> None:
-    """Copy config, generation config, tokenizer and other files of the base (not its weights)."""
-    if not ckpt.path.is_dir():
-        return
-    for entry in sorted(os.listdir(ckpt.path)):
-        src = ckpt.path / entry
-        if entry in WEIGHT_NAMES or entry.endswith(_WEIGHT_FILE_SUFFIXES) or not src.is_file():
-            continue
-        if entry.startswith("."):
-            continue
-        resolve_member(ckpt.path, entry, ckpt.path, what="side file")
-        shutil.copyfile(src, directory / entry)
 
 
 def _retarget_config(directory: Path, adapter, plan, assembly: Assembly) -> None:

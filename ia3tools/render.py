@@ -129,3 +129,16 @@ def render_blend(r: dict) -> str:
     partial = f", {r['partial_modules']} missing from some ({r['missing']})" if r["partial_modules"] else ""
     heads = f", heads: {', '.join(r['heads'])}" if r["heads"] else ""
     return f"blended {r['modules']} modules{partial}{heads} -> {r['output']} ({r['method']}: {weights})"
+
+
+def render_export(r: dict) -> str:
+    size = human_bytes(sum(r["files"].values()))
+    lines = [f"exported {r['task']} -> {r['output']} ({r['exporter']} exporter, opset {r['opset']}, {size})"]
+    if r["parity"]:
+        p = r["parity"]
+        errors = next(v for k, v in p.items() if isinstance(v, dict) and "max_abs" in v)
+        lines.append(f"parity: max abs error {errors['max_abs']:.3g}, max rel error {errors['max_rel']:.3g} "
+                     f"(atol {p['atol']:g}) on inputs {p['inputs']}")
+    else:
+        lines.append("parity: not checked (--no-parity)")
+    return "\n".join(lines)

@@ -121,13 +121,14 @@ class Staging:
             raise _os_error(exc, self.out) from None
         return False
 
-    def publish(self) -> None:
-        """fsync every file and the directory, validate, then rename into place atomically."""
+    def publish(self, validate: Callable[[Path], None] | None = None) -> None:
+        """fsync every file and the directory, validate (``validate_directory`` by default), then
+        rename into place atomically."""
         for f in self.path.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         _fsync_dir(self.path)
-        validate_directory(self.path)
+        (validate or validate_directory)(self.path)
         trash = None
         if self.out.exists():  # --force: move the old output aside first, drop it after the swap
             trash = self.out.parent / f".{self.out.name}{STAGING_MARK}{os.getpid()}-old-{secrets.token_hex(4)}"
@@ -282,6 +283,26 @@ def _copy_range(src: RawSource, dst_fd: int, dst_offset: int) -> None:
         if n == 0:
             raise OSError(errno.EIO, "source file ended early")
         done += n
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json", ".onnx", ".onnx.data")
+
+
+def copy_side_files(source: Path, directory: Path) -> list[str]:
+    """Copy the files of a model directory that are not weights (config, generation config,
+    tokenizer, preprocessor, README, ...) into ``directory``. Hidden files and subdirectories are
+    skipped; a file that resolves outside ``source`` (a hostile symlink) is refused."""
+    from ia3tools.formats.checkpoint import resolve_member
+
+    copied = []
+    for entry in sorted(os.listdir(source)):
+        src = source / entry
+        if entry.startswith(".") or entry.endswith(WEIGHT_SUFFIXES) or not src.is_file():
+            continue
+        resolve_member(source, entry, source, what="side file")
+        shutil.copyfile(src, directory / entry)
+        copied.append(entry)
+    return copied
 
 
 def write_index(path: Path, weight_map: dict[str, str], metadata: dict) -> None:

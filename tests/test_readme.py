@@ -22,15 +22,23 @@ def transcript():
     return steps
 
 
+def _float_noise(lines: list[str]) -> list[str]:
+    """Parity errors may differ in their last digits between CPUs; everything else must match."""
+    return [re.sub(r"\d\.\d+e-\d+", "<small>", line) for line in lines]
+
+
 def test_readme_transcript_is_true(tmp_path, monkeypatch):
     (tmp_path / "fixtures").symlink_to(ROOT / "fixtures")
     monkeypatch.chdir(tmp_path)
     steps = transcript()
-    assert [args[0] for args, _ in steps] == ["inspect", "check", "merge", "verify"]
+    assert [args[0] for args, _ in steps] == ["inspect", "check", "merge", "verify", "export-onnx"]
     for args, expected in steps:
         result = CliRunner().invoke(cli, args)
         assert result.exit_code == 0, result.output
-        assert result.output.rstrip("\n").splitlines() == expected, args
+        got = result.stdout.rstrip("\n").splitlines()
+        if args[0] == "export-onnx":
+            got, expected = _float_noise(got), _float_noise(expected)
+        assert got == expected, args
 
 
 def test_makefile_demo_runs_the_transcript_commands():

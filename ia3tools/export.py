@@ -1,0 +1,296 @@
+"""``export-onnx``: a merged model (or base + adapter, merged on the way) to ONNX, proven equal to
+the torch model by an onnxruntime parity test before it is published.
+
+The model is built in float32 (onnxruntime's CPU provider cannot run bf16; upcasting is exact),
+with eager attention and no cache, and exported with the dynamo exporter (TorchScript as the
+fallback) with dynamic batch and sequence axes. ``model.onnx`` keeps its weights in one external
+data file, ``model.onnx.data``, beside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ia3tools.errors import Ia3Error
+from ia3tools.parity import compare, run_onnx
+from ia3tools.write import Staging, check_output_path, copy_side_files
+
+# task -> (transformers auto class, output taken, input kind)
+TASKS = {
+    "causal-lm": ("AutoModelForCausalLM", "logits", "text"),
+    "seq2seq-lm": ("AutoModelForSeq2SeqLM", "logits", "seq2seq"),
+    "sequence-classification": ("AutoModelForSequenceClassification", "logits", "text"),
+    "token-classification": ("AutoModelForTokenClassification", "logits", "text"),
+    "feature-extraction": ("AutoModel", "last_hidden_state", "text"),
+    "image-classification": ("AutoModelForImageClassification", "logits", "image"),
+}
+_ARCH_SUFFIXES = [("ForCausalLM", "causal-lm"), ("LMHeadModel", "causal-lm"),
+                  ("ForConditionalGeneration", "seq2seq-lm"), ("ForSeq2SeqLM", "seq2seq-lm"),
+                  ("ForSequenceClassification", "sequence-classification"),
+                  ("ForTokenClassification", "token-classification"),
+                  ("ForImageClassification", "image-classification"), ("Model", "feature-extraction")]
+_ADAPTER_TASKS = {"CAUSAL_LM": "causal-lm", "SEQ_2_SEQ_LM": "seq2seq-lm", "SEQ_CLS": "sequence-classification",
+                  "TOKEN_CLS": "token-classification", "FEATURE_EXTRACTION": "feature-extraction"}
+DATA_FILE = "model.onnx.data"
+
+
+class ExportError(Ia3Error):
+    """The model could not be exported, or its export failed the parity check."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    task: str = "auto"
+    opset: int = 18
+    atol: float = 1e-4
+    parity: bool = True
+    force: bool = False
+
+
+def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike, options: ExportOptions = ExportOptions(),
+                adapter: str | os.PathLike | None = None, log: Callable[[str], None] = lambda _: None) -> dict:
+    """Export ``model_dir`` (merged first with ``adapter`` when given) to ``out``; returns the report."""
+    model_dir, out = Path(model_dir), Path(out)
+    inputs = [model_dir] + ([Path(adapter)] if adapter else [])
+    check_output_path(out, inputs, options.force)
+    timings: dict[str, float] = {}
+    with Staging(out, options.force) as staging, Staging(out) as scratch:
+        source = model_dir
+        if adapter is not None:
+            from ia3tools.merge import merge
+
+            started = time.perf_counter()
+            source = scratch.path / "merged"
+            merge(model_dir, adapter, source)
+            timings["merge_s"] = _since(started)
+            log(f"merged {adapter} into {model_dir} in {timings['merge_s']} s")
+        task = resolve_task(options.task, source, adapter)
+        onnx_path = staging.path / "model.onnx"
+        report = _export_and_check(source, onnx_path, task, options, timings, log)
+        copy_side_files(source, staging.path)
+        staging.publish(validate=validate_export)
+    report.update({
+        "output": str(out),
+        "files": {p.name: p.stat().st_size for p in sorted(out.iterdir())},
+        "timings": timings,
+    })
+    return report
+
+
+def resolve_task(task: str, model_dir: Path, adapter) -> str:
+    if task != "auto":
+        if task not in TASKS:
+            raise ExportError(f"unknown task {task!r}; one of {', '.join(TASKS)}")
+        return task
+    config = model_dir / "config.json"
+    arch = ((json.loads(config.read_text()).get("architectures") or [""])[0]) if config.exists() else ""
+    for suffix, name in _ARCH_SUFFIXES:
+        if arch.endswith(suffix):
+            return name
+    if adapter is not None:
+        from ia3tools.formats.adapter import read_config
+
+        task_type = read_config(Path(adapter)).task_type
+        if task_type in _ADAPTER_TASKS:
+            return _ADAPTER_TASKS[task_type]
+    raise ExportError(f"cannot tell the task (architectures: {arch or 'none'}); pass --task", path=model_dir)
+
+
+def _since(started: float) -> float:
+    return round(time.perf_counter() - started, 2)
+
+
+def _load(model_dir: Path, task: str):
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    cls = getattr(transformers, TASKS[task][0])
+    kwargs = {"dtype": torch.float32}
+    if TASKS[task][2] != "image":
+        kwargs["attn_implementation"] = "eager"  # sdpa breaks the T5 export under dynamo
+    try:
+        model = cls.from_pretrained(model_dir, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ExportError(f"transformers cannot load it as {TASKS[task][0]}: {str(exc).splitlines()[0]}",
+                          path=model_dir) from None
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+    return model.eval()
+
+
+def _wrap(model, output: str, kind: str):
+    """The model as a module taking tensors positionally (named as the exported graph's inputs)
+    and returning the one output that is exported and compared."""
+    import torch
+
+    class Text(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            return getattr(self.model(input_ids=input_ids, attention_mask=attention_mask), output)
+
+    class Seq2Seq(Text):
+        def forward(self, input_ids, attention_mask, decoder_input_ids):
+            return getattr(self.model(input_ids=input_ids, attention_mask=attention_mask,
+                                      decoder_input_ids=decoder_input_ids), output)
+
+    class Image(Text):
+        def forward(self, pixel_values):
+            return getattr(self.model(pixel_values=pixel_values), output)
+
+    return {"text": Text, "seq2seq": Seq2Seq, "image": Image}[kind]().eval()
+
+
+def example_inputs(model, kind: str, batch: int, length: int, decoder_length: int, pad: bool, seed: int):
+    """Inputs for export (``pad`` False) and for parity (another shape, one row padded)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    if kind == "image":
+        c = getattr(model.config, "num_channels", 3)
+        size = getattr(model.config, "image_size", 64)
+        size = size if isinstance(size, int) else 64
+        return {"pixel_values": torch.randn(batch, c, size, size, generator=g)}, None
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.int64)
+    if pad:
+        mask[1, length - 2:] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if kind == "seq2seq":
+        inputs["decoder_input_ids"] = torch.randint(0, vocab, (batch, decoder_length), generator=g)
+        return inputs, None  # the compared output is over decoder positions, none of them padding
+    return inputs, mask.numpy()
+
+
+def _dynamic(kind: str):
+    import torch
+
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    if kind == "image":
+        return {"pixel_values": {0: batch}}, {"pixel_values": {0: "batch"}}
+    shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
+    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
+    if kind == "seq2seq":
+        shapes["decoder_input_ids"] = {0: batch, 1: torch.export.Dim("decoder_sequence")}
+        axes["decoder_input_ids"] = {0: "batch", 1: "decoder_sequence"}
+    axes["output"] = {0: "batch"}
+    return shapes, axes
+
+
+def _export_and_check(source: Path, onnx_path: Path, task: str, options: ExportOptions, timings, log) -> dict:
+    import torch
+
+    _, output, kind = TASKS[task]
+    started = time.perf_counter()
+    model = _load(source, task)
+    wrapper = _wrap(model, output, kind)
+    # batch >= 2 and length >= 2, or the exporter fixes the axis to the example's size
+    export_in, _ = example_inputs(model, kind, 2, 8, 6, pad=False, seed=0)
+    parity_in, mask = example_inputs(model, kind, 3, 5, 4, pad=True, seed=1)
+    with torch.no_grad():
+        reference = wrapper(*parity_in.values()).numpy()
+    exporter = _export(wrapper, export_in, onnx_path, options.opset, kind, log)
+    timings["export_s"] = _since(started)
+    log(f"exported {task} with the {exporter} exporter (opset {options.opset}) in {timings['export_s']} s")
+    del model, wrapper
+    gc.collect()  # the torch model is freed before onnxruntime loads the export
+    _single_data_file(onnx_path)
+    validate_export(onnx_path.parent)
+    report = {"task": task, "exporter": exporter, "opset": options.opset, "parity": None}
+    if options.parity:
+        started = time.perf_counter()
+        try:
+            got = run_onnx(onnx_path, {k: v.numpy() for k, v in parity_in.items()})
+        except Exception as exc:  # onnxruntime's errors (Fail, InvalidGraph, ...) share no base class
+            raise ExportError(f"onnxruntime cannot run the export: {str(exc).strip().splitlines()[0]}",
+                              path=onnx_path) from None
+        errors = compare(reference, got, mask)
+        timings["parity_s"] = _since(started)
+        passed = errors["max_abs"] <= options.atol
+        report["parity"] = {output: errors, "atol": options.atol, "passed": passed,
+                            "inputs": {k: list(v.shape) for k, v in parity_in.items()}}
+        log(f"parity on {report['parity']['inputs']}: max abs error {errors['max_abs']:.3g}, "
+            f"max rel error {errors['max_rel']:.3g} (atol {options.atol:g})")
+        if not passed:
+            raise ExportError(f"parity check failed: max abs error {errors['max_abs']:.3g} on {output} exceeds "
+                              f"--atol {options.atol:g}; nothing was published", path=source)
+    return report
+
+
+def _export(wrapper, inputs: dict, path: Path, opset: int, kind: str, log) -> str:
+    """Export with dynamo; fall back to the TorchScript exporter. torch's own progress lines go to
+    stderr, keeping stdout for the report."""
+    import torch
+
+    shapes, axes = _dynamic(kind)
+    names = list(inputs)
+    args = tuple(inputs.values())
+    failures = []
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed"
+    for exporter in ("dynamo", "torchscript"):
+        try:
+            with contextlib.redirect_stdout(sys.stderr), torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if exporter == "dynamo":
+                    program = torch.onnx.export(wrapper, args, dynamo=True, opset_version=opset, input_names=names,
+                                                output_names=["output"], dynamic_shapes=shapes, verbose=False)
+                    program.save(str(path), external_data=True)
+                else:
+                    torch.onnx.export(wrapper, args, str(path), dynamo=False, opset_version=opset, input_names=names,
+                                      output_names=["output"], dynamic_axes=axes)
+            return exporter
+        except Exception as exc:  # exporters raise many types; the next one gets its chance
+            failures.append(f"{exporter}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
+            log(f"{exporter} exporter failed; {'trying the next' if exporter == 'dynamo' else 'giving up'}")
+            for leftover in path.parent.glob("model.onnx*"):
+                leftover.unlink()
+    raise ExportError("export failed: " + "; ".join(failures))
+
+
+def validate_export(directory: Path) -> None:
+    """Re-check a written export before it is published: the graph, and one data file beside it."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    path = directory / "model.onnx"
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"onnx checker rejects the export: {str(exc).strip().splitlines()[0]}", path=path) from None
+    header = onnx.load(str(path), load_external_data=False)
+    locations = {ExternalDataInfo(t).location for t in header.graph.initializer if uses_external_data(t)}
+    if locations - {DATA_FILE} or not (directory / DATA_FILE).is_file():
+        raise ExportError(f"external data is not the single file {DATA_FILE}: {sorted(locations)}", path=path)
+
+
+def _single_data_file(path: Path) -> None:
+    """Keep all weights in one external data file with a plain name beside model.onnx: one file
+    per weight litters the directory, and a path would make the export unportable or unsafe."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    header = onnx.load(str(path), load_external_data=False)
+    locations = {ExternalDataInfo(t).location for t in header.graph.initializer if uses_external_data(t)}
+    if locations == {DATA_FILE}:
+        return
+    model = onnx.load(str(path))  # brings in the weights from wherever the exporter put them
+    for name in locations:
+        (path.parent / name).unlink(missing_ok=True)
+    # Tiny tensors (shape constants, axes) stay inline: onnxruntime's shape inference needs them there.
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=DATA_FILE)

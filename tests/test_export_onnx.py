@@ -1,0 +1,152 @@
+"""ONNX export: each exported model runs in onnxruntime and matches the torch model."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import FIXTURES
+from peft_oracle import load_peft
+
+from ia3tools.cli import cli
+from ia3tools.write import STAGING_MARK
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def ort_logits(onnx_dir, feeds):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    return session.run(None, {k: v.numpy() for k, v in feeds.items()})[0]
+
+
+def data_locations(onnx_dir):
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    model = onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False)
+    return {ExternalDataInfo(t).location for t in model.graph.initializer if uses_external_data(t)}
+
+
+def test_llama_merged_dir_exports_and_runs_after_a_move(tmp_path):
+    merged, out = tmp_path / "merged", tmp_path / "onnx"
+    assert run("merge", FIXTURES / "llama" / "base", FIXTURES / "llama" / "adapter", "-o", merged, "-q").exit_code == 0
+    result = run("export-onnx", merged, "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["task"] == "causal-lm" and report["parity"]["passed"]
+    assert report["parity"]["logits"]["max_abs"] <= 1e-4
+    assert set(report["files"]) >= {"model.onnx", "model.onnx.data", "tokenizer.json", "config.json"}
+    assert data_locations(out) == {"model.onnx.data"}
+    moved = tmp_path / "elsewhere" / "deployed"
+    moved.parent.mkdir()
+    shutil.move(out, moved)
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    ids = torch.randint(0, 128, (4, 9))
+    feeds = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        expected = model(**feeds).logits.numpy()
+    np.testing.assert_allclose(ort_logits(moved, feeds), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bert-cls", "t5"])
+def test_base_plus_adapter_exports_with_parity(tiny_pair, tmp_path, arch):
+    if arch == "t5":
+        base, adapter = tiny_pair("t5")
+    else:
+        base, adapter = FIXTURES / arch / "base", FIXTURES / arch / "adapter"
+    out = tmp_path / "onnx"
+    result = run("export-onnx", base, "--adapter", adapter, "-o", out)
+    assert result.exit_code == 0, result.output
+    expected_task = {"gpt2": "causal-lm", "bert-cls": "sequence-classification", "t5": "seq2seq-lm"}[arch]
+    assert f"exported {expected_task} -> {out}" in result.output
+    assert not [p for p in tmp_path.iterdir() if STAGING_MARK in p.name]
+    # independent check against the adapted PEFT model itself, on other inputs
+    peft_model = load_peft(base, adapter, "BertForSequenceClassification" if arch == "bert-cls" else None)
+    ids = torch.randint(0, 128, (2, 6))
+    feeds = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if arch == "t5":
+        feeds["decoder_input_ids"] = torch.randint(0, 128, (2, 3))
+    with torch.no_grad():
+        expected = peft_model(**feeds).logits.numpy()
+    np.testing.assert_allclose(ort_logits(out, feeds), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_image_classification_without_parity(tiny_pair, tmp_path):
+    base, adapter = tiny_pair("resnet")
+    out = tmp_path / "onnx"
+    result = run("export-onnx", base, "--adapter", adapter, "-o", out, "--task", "image-classification",
+                 "--no-parity", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["parity"] is None
+    peft_model = load_peft(base, adapter)
+    pixels = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        expected = peft_model(pixel_values=pixels).logits.numpy()
+    np.testing.assert_allclose(ort_logits(out, {"pixel_values": pixels}), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_corrupted_export_fails_parity_and_publishes_nothing(tmp_path, monkeypatch):
+    import onnx
+    from onnx import numpy_helper
+
+    from ia3tools import export
+
+    original = export._single_data_file
+
+    def corrupt(path):
+        original(path)
+        model = onnx.load(str(path))
+        init = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.5, init.name))
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="model.onnx.data")
+
+    monkeypatch.setattr(export, "_single_data_file", corrupt)
+    out = tmp_path / "onnx"
+    result = run("export-onnx", FIXTURES / "gpt2" / "base", "--adapter", FIXTURES / "gpt2" / "adapter", "-o", out)
+    assert result.exit_code == 1
+    error = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(error) == 1 and "parity check failed: max abs error" in error[0]
+    assert "exceeds --atol 0.0001; nothing was published" in error[0]
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_task_errors(tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(FIXTURES / "gpt2" / "base", model)
+    config = json.loads((model / "config.json").read_text())
+    config["architectures"] = ["Mystery"]
+    (model / "config.json").write_text(json.dumps(config))
+    result = run("export-onnx", model, "-o", tmp_path / "o")
+    assert result.exit_code == 1
+    assert result.output == f"Error: {model}: cannot tell the task (architectures: Mystery); pass --task\n"
+    assert run("export-onnx", model, "-o", tmp_path / "o", "--task", "translation").exit_code == 2
+    assert run("export-onnx", model, "-o", tmp_path / "o", "--opset", "7").exit_code == 2
+
+
+def test_scattered_external_data_is_gathered_into_one_file(tmp_path):
+    """The TorchScript fallback may write one file per weight; the export keeps one data file."""
+    import onnx
+
+    from ia3tools.export import _single_data_file, validate_export
+    from ia3tools.parity import run_onnx
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).eval()
+    x = torch.randn(2, 64)
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["x"])
+    onnx.save_model(onnx.load(str(path)), str(path), save_as_external_data=True, all_tensors_to_one_file=False)
+    assert len(list(tmp_path.iterdir())) > 2
+    _single_data_file(path)
+    validate_export(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
+    with torch.no_grad():
+        np.testing.assert_allclose(run_onnx(path, {"x": x.numpy()}), model(x).numpy(), atol=1e-6)
