@@ -11,7 +11,7 @@ from ia3tools.cli import cli
 
 def transcript():
     readme = (ROOT / "README.md").read_text()
-    block = re.search(r"What `make demo` runs, and what it prints:\n\n```\n(.*?)```", readme, re.S).group(1)
+    block = re.search(r"What `make demo` runs, and what it prints[^\n]*\n\n```\n(.*?)```", readme, re.S).group(1)
     steps, current = [], None
     for line in block.splitlines():
         if line.startswith("$ ia3tools "):
