@@ -139,6 +139,9 @@ def merge_cmd(base, adapter, out, device, dtype, max_shard_size, dry_run, force,
     options = MergeOptions(device=device, dtype=dtype, max_shard_size=max_shard_size, dry_run=dry_run,
                            force=force, progress=not (quiet or as_json))
     report = merge(base, adapter, out, options)
+    if not as_json:
+        for warning in report["warnings"]:
+            click.echo(f"warning: {warning}", err=True)
     if as_json or not quiet or dry_run:
         emit(report, as_json, render_merge)
 

@@ -98,6 +98,7 @@ def merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.Pat
             "shards": [{"name": n, "tensors": len(ts), "bytes": sum(t.nbytes for t in ts)} for n, ts in layout.items()],
             "bytes": sum(t.nbytes for t in assembly.all_tensors()),
             "dry_run": options.dry_run,
+            "warnings": [w.line().removeprefix("warning: ") for w in plan.warnings],
         }
         if options.dry_run:
             report["plan"] = plan_report(plan, base=base, adapter=adapter_path, vectors=len(ad.vectors))

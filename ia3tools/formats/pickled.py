@@ -34,6 +34,17 @@ def _torch_version_ok(version: str) -> bool:
         return False
 
 
+def _reason(exc: Exception) -> str:
+    """The specific line of torch's error (e.g. the blocked global), never its advice to retry with
+    weights_only=False, which is the one thing not to do with an untrusted file."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line or "Unsupported" in line or "WeightsUnpickler" in line:
+            return line.removeprefix("WeightsUnpickler error: ") + " (nothing was executed)"
+    specific = [line for line in lines if "weights_only" not in line and "Weights only load failed" not in line]
+    return (specific or lines or [type(exc).__name__])[0]
+
+
 class BinFile:
     """A ``.bin`` state dict, memory-mapped by torch where the file allows it."""
 
@@ -53,8 +64,7 @@ class BinFile:
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise FormatError(f"refused by weights-only unpickling: {first}", path=self.path) from None
+            raise FormatError(f"refused by weights-only unpickling: {_reason(exc)}", path=self.path) from None
         if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
             raise FormatError("not a state dict of named tensors", path=self.path)
         self._state = state
