@@ -14,7 +14,9 @@ import sys
 import click
 
 from ia3tools import __version__
+from ia3tools.blend import METHODS, MISSING
 from ia3tools.errors import Ia3Error
+from ia3tools.export import TASKS
 
 
 def json_option(f):
@@ -40,6 +42,13 @@ def reports_errors(f):
 
 def emit(report: dict, as_json: bool, render) -> None:
     click.echo(json.dumps(report, indent=2) if as_json else render(report))
+
+
+def warn(report: dict, as_json: bool) -> None:
+    """A report's warnings on stderr (``--json`` carries them in the report instead)."""
+    if not as_json:
+        for warning in report["warnings"]:
+            click.echo(f"warning: {warning}", err=True)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -139,9 +148,7 @@ def merge_cmd(base, adapter, out, device, dtype, max_shard_size, dry_run, force,
     options = MergeOptions(device=device, dtype=dtype, max_shard_size=max_shard_size, dry_run=dry_run,
                            force=force, progress=not (quiet or as_json))
     report = merge(base, adapter, out, options)
-    if not as_json:
-        for warning in report["warnings"]:
-            click.echo(f"warning: {warning}", err=True)
+    warn(report, as_json)
     if as_json or not quiet or dry_run:
         emit(report, as_json, render_merge)
 
@@ -170,9 +177,9 @@ def verify_cmd(base, adapter, merged, as_json):
 @click.option("--weights", "-w", required=True, multiple=True,
               help="One weight per adapter, in order: --weights 0.7 0.3 (or 0.7,0.3).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Adapter directory to create.")
-@click.option("--method", type=click.Choice(["linear", "geometric"]), default="linear", show_default=True,
+@click.option("--method", type=click.Choice(METHODS), default="linear", show_default=True,
               help="linear: sum of w*l; geometric: product of l**w (needs positive entries).")
-@click.option("--missing", type=click.Choice(["identity", "zero"]), default="identity", show_default=True,
+@click.option("--missing", type=click.Choice(MISSING), default="identity", show_default=True,
               help="A module some adapters lack: they contribute ones (identity) or nothing (zero, PEFT's way).")
 @click.option("--heads-from", default=None, help="Adapter whose modules_to_save heads win where several have one.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory (atomically).")
@@ -197,9 +204,7 @@ def blend_cmd(adapters, weights, out, method, missing, heads_from, force, as_jso
         raise click.UsageError(f"{len(adapters)} adapters but {len(values)} weights: give one weight per adapter")
     options = BlendOptions(tuple(values), method, missing, heads_from, force)
     report = blend(list(adapters), out, options)
-    if not as_json:
-        for warning in report["warnings"]:
-            click.echo(f"warning: {warning}", err=True)
+    warn(report, as_json)
     emit(report, as_json, render_blend)
 
 
@@ -208,9 +213,7 @@ def blend_cmd(adapters, weights, out, method, missing, heads_from, force, as_jso
 @click.option("--adapter", type=click.Path(exists=True, file_okay=False),
               help="Merge this IA3 adapter into MODEL_DIR first (in a temporary directory).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Directory to create.")
-@click.option("--task", type=click.Choice(["auto", "causal-lm", "seq2seq-lm", "sequence-classification",
-                                           "token-classification", "feature-extraction", "image-classification"]),
-              default="auto", show_default=True,
+@click.option("--task", type=click.Choice(["auto", *TASKS]), default="auto", show_default=True,
               help="Model head to export; auto reads config.json's architectures, then the adapter's task_type.")
 @click.option("--opset", type=click.IntRange(14, 23), default=18, show_default=True, help="ONNX opset.")
 @click.option("--atol", type=click.FloatRange(min=0), default=1e-4, show_default=True,

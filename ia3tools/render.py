@@ -11,6 +11,11 @@ def human_bytes(n: int) -> str:
     return str(n)
 
 
+def count(n: int, word: str) -> str:
+    """'1 shard', '2 shards'."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def table(headers: list[str], rows: list[list], align: str | None = None) -> str:
     """Left-aligned text columns, numbers right-aligned (``align``: one 'l'/'r' per column)."""
     cells = [[str(c) for c in headers]] + [["-" if c is None else str(c) for c in row] for row in rows]
@@ -59,7 +64,7 @@ def render_adapter(r: dict) -> str:
 
 
 def render_checkpoint(r: dict) -> str:
-    shards = f"{len(r['shards'])} shard{'s' if len(r['shards']) != 1 else ''}"
+    shards = count(len(r["shards"]), "shard")
     lines = [
         f"checkpoint  {r['path']} ({r['format']}, {shards})",
         f"tensors     {r['tensors']:,}   parameters: {r['parameters']:,}   size: {human_bytes(r['bytes'])}",
@@ -86,7 +91,7 @@ def render_check(r: dict) -> str:
 
 
 def render_merge(r: dict) -> str:
-    shards = f"{len(r['shards'])} shard{'s' if len(r['shards']) != 1 else ''}"
+    shards = count(len(r["shards"]), "shard")
     heads = ""
     if r["heads_added"] or r["heads_replaced"]:
         heads = f", {r['heads_added']} head tensor(s) added, {r['heads_replaced']} replaced"

@@ -129,8 +129,13 @@ class Staging:
                 os.fsync(fh.fileno())
         _fsync_dir(self.path)
         (validate or validate_directory)(self.path)
+        if self.out.exists() and _exchange(self.path, self.out):
+            # --force: one atomic swap; the old output now sits in the staging path.
+            _fsync_dir(self.out.parent)
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
         trash = None
-        if self.out.exists():  # --force: move the old output aside first, drop it after the swap
+        if self.out.exists():  # no atomic exchange here: move the old output aside, swap, drop it
             trash = self.out.parent / f".{self.out.name}{STAGING_MARK}{os.getpid()}-old-{secrets.token_hex(4)}"
             os.rename(self.out, trash)
         try:
@@ -142,6 +147,19 @@ class Staging:
         _fsync_dir(self.out.parent)
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with Linux's renameat2(RENAME_EXCHANGE); False where unavailable."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def _fsync_dir(path: Path) -> None:

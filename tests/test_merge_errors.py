@@ -162,14 +162,20 @@ def wait_for_staging(directory, proc, timeout=30):
     return False
 
 
-@pytest.mark.slow
-def test_sigkill_leaves_nothing_that_looks_complete_and_next_run_cleans(tmp_path):
+def merge_in_flight(tmp_path):
+    """A merge of a ~200 MB pair, returned once its staging directory holds a file."""
     base, adapter = big_pair(tmp_path)
     work = tmp_path / "work"
     work.mkdir()
     out = work / "merged"
     proc = start_merge(base, adapter, out)
     assert wait_for_staging(work, proc), proc.communicate()
+    return base, adapter, work, out, proc
+
+
+@pytest.mark.slow
+def test_sigkill_leaves_nothing_that_looks_complete_and_next_run_cleans(tmp_path):
+    base, adapter, work, out, proc = merge_in_flight(tmp_path)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not out.exists() and leftovers(work)
@@ -180,12 +186,7 @@ def test_sigkill_leaves_nothing_that_looks_complete_and_next_run_cleans(tmp_path
 
 @pytest.mark.slow
 def test_sigint_removes_staging_and_exits_130(tmp_path):
-    base, adapter = big_pair(tmp_path)
-    work = tmp_path / "work"
-    work.mkdir()
-    out = work / "merged"
-    proc = start_merge(base, adapter, out)
-    assert wait_for_staging(work, proc), proc.communicate()
+    _, _, work, out, proc = merge_in_flight(tmp_path)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
@@ -217,3 +218,14 @@ def test_missing_parents_are_created_and_removed_again_on_failure(tmp_path):
     (tmp_path / "pair").mkdir()
     result = run("merge", *overflow_pair(tmp_path / "pair"), "-o", bad)  # fails while writing
     assert result.exit_code == 1 and not (tmp_path / "c").exists()
+
+
+def test_force_without_atomic_exchange_still_replaces(tmp_path, monkeypatch):
+    from ia3tools import write
+
+    monkeypatch.setattr(write, "_exchange", lambda a, b: False)  # e.g. not Linux, or an old kernel
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    assert run("merge", *LLAMA, "-o", out, "--force", "-q").exit_code == 0
+    assert not (out / "old.txt").exists() and leftovers(tmp_path) == []
