@@ -79,6 +79,8 @@ def bench_size(size_gb: float, runs: int, peft_runs: int, workdir: Path, peft_ca
         # merge fsyncs before publishing; this is the copy with the same durability
         "cp -r && sync": measure(["sh", "-c", f'cp -r "{base}" "{out}" && sync'], out, runs),
         "ia3tools merge": measure([*IA3, "merge", str(base), str(adapter), "-o", str(out), "-q"], out, runs),
+        "ia3tools merge --no-fsync": measure(
+            [*IA3, "merge", str(base), str(adapter), "-o", str(out), "-q", "--no-fsync"], out, runs),
         "ia3tools inspect": measure([*IA3, "inspect", str(base), "--json"], None, runs),
         "ia3tools check": measure([*IA3, "check", str(base), str(adapter), "--json"], None, runs),
     }

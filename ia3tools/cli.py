@@ -131,10 +131,12 @@ def _size(ctx, param, value: str | None) -> int | None:
               help="Reshard the output, e.g. 2GB (default: keep the base's shard layout).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and the output layout; write nothing.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory (atomically).")
+@click.option("--no-fsync", is_flag=True,
+              help="Skip fsync before publishing: as fast as cp, still atomic, but not power-loss safe.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 @json_option
 @reports_errors
-def merge_cmd(base, adapter, out, device, dtype, max_shard_size, dry_run, force, quiet, as_json):
+def merge_cmd(base, adapter, out, device, dtype, max_shard_size, dry_run, force, no_fsync, quiet, as_json):
     """Fold ADAPTER's IA3 vectors into BASE and write a standard Hugging Face model directory.
 
     Bit-identical to PEFT's merge_and_unload; streams tensor by tensor with flat memory; the
@@ -146,7 +148,7 @@ def merge_cmd(base, adapter, out, device, dtype, max_shard_size, dry_run, force,
     if out is None and not dry_run:
         raise click.UsageError("missing option '-o' / '--output' (required unless --dry-run)")
     options = MergeOptions(device=device, dtype=dtype, max_shard_size=max_shard_size, dry_run=dry_run,
-                           force=force, progress=not (quiet or as_json))
+                           force=force, progress=not (quiet or as_json), durable=not no_fsync)
     report = merge(base, adapter, out, options)
     warn(report, as_json)
     if as_json or not quiet or dry_run:

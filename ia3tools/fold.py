@@ -13,7 +13,8 @@ import numpy as np
 
 from ia3tools.formats.dtypes import DTYPES
 
-BLOCK_BYTES = 16 * 1024 * 1024  # bytes of the source tensor read per block
+BLOCK_BYTES = 16 * 1024 * 1024  # bytes of the source tensor read (and written) per block
+CACHE_BYTES = 256 * 1024  # float32 bytes folded at a time within a block, to stay in cache
 
 
 def compute_dtype(dtype: str) -> str:
@@ -37,6 +38,18 @@ def row_blocks(shape: tuple[int, ...], itemsize: int, block_bytes: int | None = 
 def block_scale(scale: np.ndarray, lo: int, n: int) -> np.ndarray:
     """The slice of a broadcastable scale that applies to rows ``lo:lo+n``."""
     return scale[lo : lo + n] if scale.shape[0] > 1 else scale
+
+
+# IEEE 754: a value is inf or NaN exactly when its exponent bits are all ones. Testing that on the
+# integer view is several times faster than np.isfinite on ml_dtypes' bfloat16.
+_EXPONENT = {"F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80), "F32": (np.uint32, 0x7F800000),
+             "F64": (np.uint64, 0x7FF0000000000000)}
+
+
+def _non_finite(a: np.ndarray, dtype: str) -> int:
+    uint, mask = _EXPONENT[dtype]
+    bits = a.view(uint) & uint(mask)
+    return int(np.count_nonzero(bits == uint(mask)))
 
 
 def _as_bytes(a: np.ndarray) -> memoryview:
@@ -67,11 +80,16 @@ class NumpyFolder:
         if scale is None:
             return _as_bytes(x)
         compute = DTYPES[compute_dtype(out_dtype)].numpy
-        with np.errstate(over="ignore", invalid="ignore"):  # counted below, reported by name
-            wide = x.astype(compute)
-            np.multiply(wide, scale.astype(compute, copy=False), out=wide)
-            y = wide.astype(DTYPES[out_dtype].numpy)
-        bad = int(np.count_nonzero(~np.isfinite(y)))
+        y = np.empty(x.shape, DTYPES[out_dtype].numpy)
+        scale = scale.astype(compute, copy=False)
+        bad = 0
+        # Fold in cache-sized pieces: one pass over memory instead of three (upcast, multiply, cast).
+        for lo, n in row_blocks(x.shape, np.dtype(compute).itemsize, CACHE_BYTES):
+            wide = x[lo : lo + n].astype(compute)
+            with np.errstate(over="ignore", invalid="ignore"):  # counted below, reported by name
+                np.multiply(wide, block_scale(scale, lo, n), out=wide)
+                np.copyto(y[lo : lo + n], wide, casting="unsafe")  # the one cast, round to nearest even
+            bad += _non_finite(y[lo : lo + n], out_dtype)
         if bad:
             raise NonFinite(bad)
         return _as_bytes(y)

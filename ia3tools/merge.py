@@ -40,6 +40,7 @@ class MergeOptions:
     dry_run: bool = False
     force: bool = False
     progress: bool = False
+    durable: bool = True  # fsync before publishing; False trades power-loss safety for cp-like speed
 
 
 def parse_size(text: str) -> int:
@@ -109,8 +110,8 @@ def merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.Pat
             "ia3tools_adapter_sha256": report["adapter_sha256"],
             "ia3tools_adapter": adapter_path.resolve().name,
         }
-        with Staging(out, options.force) as staging:
-            _write_weights(staging.path, layout, metadata, report["bytes"], options.progress)
+        with Staging(out, options.force, durable=options.durable) as staging:
+            _write_weights(staging.path, layout, metadata, report["bytes"], options.progress, options.durable)
             if ckpt.path.is_dir():
                 copy_side_files(ckpt.path, staging.path)
             if plan.names.rename_output:
@@ -150,13 +151,13 @@ def _layout(ckpt, assembly: Assembly, max_shard_size: int | None) -> dict[str, l
     return {f"model-{i + 1:05d}-of-{n:05d}.safetensors": g for i, g in enumerate(groups)}
 
 
-def _write_weights(directory: Path, layout, metadata: dict, total: int, progress: bool) -> None:
+def _write_weights(directory: Path, layout, metadata: dict, total: int, progress: bool, durable: bool) -> None:
     from tqdm import tqdm
 
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=None if progress else True, leave=False)
     with bar:
         for name, tensors in layout.items():
-            write_safetensors(directory / name, tensors, metadata, progress=bar.update)
+            write_safetensors(directory / name, tensors, metadata, progress=bar.update, durable=durable)
     if len(layout) > 1:
         weight_map = {t.name: name for name, tensors in layout.items() for t in tensors}
         index_meta = {"total_size": total, **metadata}

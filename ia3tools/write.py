@@ -95,9 +95,10 @@ def remove_stale_staging(out: Path) -> list[Path]:
 class Staging:
     """A staging directory that becomes ``out`` on ``publish()`` and vanishes on any failure."""
 
-    def __init__(self, out: Path, force: bool = False):
+    def __init__(self, out: Path, force: bool = False, durable: bool = True):
         self.out = out
         self.force = force
+        self.durable = durable  # fsync before the rename: the output survives a power loss
         self.path = out.parent / f".{out.name}{STAGING_MARK}{os.getpid()}-{secrets.token_hex(4)}"
 
     def __enter__(self) -> "Staging":
@@ -124,14 +125,16 @@ class Staging:
     def publish(self, validate: Callable[[Path], None] | None = None) -> None:
         """fsync every file and the directory, validate (``validate_directory`` by default), then
         rename into place atomically."""
-        for f in self.path.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(self.path)
+        if self.durable:
+            for f in self.path.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            _fsync_dir(self.path)
         (validate or validate_directory)(self.path)
         if self.out.exists() and _exchange(self.path, self.out):
             # --force: one atomic swap; the old output now sits in the staging path.
-            _fsync_dir(self.out.parent)
+            if self.durable:
+                _fsync_dir(self.out.parent)
             shutil.rmtree(self.path, ignore_errors=True)
             return
         trash = None
@@ -144,7 +147,8 @@ class Staging:
             if trash is not None:
                 os.rename(trash, self.out)
             raise
-        _fsync_dir(self.out.parent)
+        if self.durable:
+            _fsync_dir(self.out.parent)
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
 
@@ -188,11 +192,11 @@ def build_header(tensors: list[OutTensor], metadata: dict[str, str]) -> bytes:
 
 
 def write_safetensors(path: Path, tensors: list[OutTensor], metadata: dict[str, str], progress=None,
-                      workers: int = 2) -> None:
+                      workers: int = 2, durable: bool = True) -> None:
     """Write one safetensors file. Every tensor's offset is fixed by the header, so the raw runs
     (copied in the kernel) and the computed tensors (folded block by block) are written at their
     offsets concurrently, by ``workers`` threads. Written ranges are handed to the kernel for
-    writeback at once, so the final fsync has little left to wait for."""
+    writeback at once (when ``durable``), so the final fsync has little left to wait for."""
     header = build_header(tensors, metadata)
     jobs: list[tuple[int, RawSource | OutTensor]] = []
     position = len(header)
@@ -213,7 +217,8 @@ def write_safetensors(path: Path, tensors: list[OutTensor], metadata: dict[str, 
                 if stop.is_set():
                     return
                 _copy_range(src, fd, offset)
-                _start_writeback(fd, offset, src.nbytes)
+                if durable:
+                    _start_writeback(fd, offset, src.nbytes)
                 if progress:
                     progress(src.nbytes)
 
@@ -226,7 +231,8 @@ def write_safetensors(path: Path, tensors: list[OutTensor], metadata: dict[str, 
                 offset += len(chunk)
                 if progress:
                     progress(len(chunk))
-            _start_writeback(fd, start, offset - start)
+            if durable:
+                _start_writeback(fd, start, offset - start)
 
         with ThreadPoolExecutor(max_workers=workers) as pool:
             futures = [pool.submit(copy_raw)] + [pool.submit(write_computed, off, t) for off, t in computed]

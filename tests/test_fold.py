@@ -78,3 +78,13 @@ def test_cuda_merge_is_bit_identical_to_cpu(tmp_path):
         merge(base, adapter, tmp_path / f"{name}-cuda", MergeOptions(device="cuda"))
         for f in sorted((tmp_path / f"{name}-cpu").iterdir()):
             assert (tmp_path / f"{name}-cuda" / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32", "F64"])
+def test_non_finite_count_matches_isfinite(dtype):
+    from ia3tools.fold import _non_finite
+    from ia3tools.formats.dtypes import DTYPES
+
+    values = np.array([0.0, -0.0, 1.5, np.inf, -np.inf, np.nan, 1e-30, -3.0], dtype=np.float64)
+    a = values.astype(DTYPES[dtype].numpy)
+    assert _non_finite(a, dtype) == int(np.count_nonzero(~np.isfinite(a.astype(np.float64)))) == 3

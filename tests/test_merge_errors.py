@@ -229,3 +229,16 @@ def test_force_without_atomic_exchange_still_replaces(tmp_path, monkeypatch):
     (out / "old.txt").write_text("old")
     assert run("merge", *LLAMA, "-o", out, "--force", "-q").exit_code == 0
     assert not (out / "old.txt").exists() and leftovers(tmp_path) == []
+
+
+def test_no_fsync_writes_the_same_bytes_without_fsync(tmp_path, monkeypatch):
+    calls = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append(fd) or real(fd))
+    assert run("merge", *LLAMA, "-o", tmp_path / "durable", "-q").exit_code == 0
+    durable_calls = len(calls)
+    calls.clear()
+    assert run("merge", *LLAMA, "-o", tmp_path / "fast", "-q", "--no-fsync").exit_code == 0
+    assert durable_calls >= 4 and calls == []
+    for f in sorted((tmp_path / "durable").iterdir()):
+        assert (tmp_path / "fast" / f.name).read_bytes() == f.read_bytes()
