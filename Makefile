@@ -40,7 +40,7 @@ $(VENV)/.installed-bench: $(VENV)/.base pyproject.toml
 # Regenerates bench/out/results.{json,png} (sizes in GB: make bench SIZES="2 8").
 SIZES ?= 2
 bench: $(VENV)/.installed-bench
-	$(PY) bench/run.py --sizes $(SIZES)
+	$(PY) bench/run.py --sizes $(SIZES) --cleanup
 
 # Regenerate the checked-in fixtures (deterministic; needs the test extras for peft).
 fixtures: $(VENV)/.installed-test
