@@ -80,8 +80,9 @@ def render_checkpoint(r: dict) -> str:
 
 
 def render_check(r: dict) -> str:
-    lines = [f["severity"] + ": " + (f"{f['module']}: " if f["module"] else "") + f["message"]
-             for f in r["errors"] + r["warnings"]]
+    from ia3tools.plan import Finding
+
+    lines = [Finding(**f).line() for f in r["errors"] + r["warnings"]]
     heads = f", {len(r['heads'])} head tensor(s)" if r["heads"] else ""
     if r["fits"]:
         lines.append(f"ok: {len(r['folds'])} vectors fit{heads} ({r['names']})")

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 
 from ia3tools.errors import FormatError
-from ia3tools.formats.dtypes import DTYPES
 from ia3tools.formats.jsonstrict import load_json_file
 from ia3tools.formats.pickled import BinFile
 from ia3tools.formats.safetensors import SafetensorsFile
@@ -54,10 +53,6 @@ class Checkpoint:
     tensors: dict[str, TensorRef]
     index_metadata: dict | None = None
     warnings: list[str] = field(default_factory=list)
-
-    @property
-    def directory(self) -> Path:
-        return self.path if self.path.is_dir() else self.path.parent
 
     def reader(self, name: str) -> SafetensorsFile | BinFile:
         return self.files[self.tensors[name].shard]
@@ -182,6 +177,3 @@ def resolve_member(directory: Path, name, referrer: Path, *, what: str) -> Path:
         raise FormatError(f"{what} {name!r} resolves outside the directory", path=referrer)
     return member
 
-
-def decodable(dtype: str) -> bool:
-    return DTYPES[dtype].numpy is not None

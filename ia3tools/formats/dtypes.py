@@ -69,13 +69,6 @@ def to_torch(name: str):
     return getattr(torch, reverse[name])
 
 
-def from_numpy(dtype: np.dtype) -> str:
-    for d in DTYPES.values():
-        if d.numpy is not None and d.numpy == dtype:
-            return d.name
-    raise KeyError(f"no safetensors dtype for numpy {dtype}")
-
-
 def nbytes(name: str, numel: int) -> int | None:
     """Bytes taken by ``numel`` elements, or None when sub-byte elements do not fill whole bytes."""
     total_bits = DTYPES[name].bits * numel
