@@ -20,6 +20,7 @@ from ia3tools.errors import OutputError, PlanError
 from ia3tools.fold import make_folder
 from ia3tools.formats import open_checkpoint, read_adapter
 from ia3tools.formats.dtypes import DTYPES
+from ia3tools.plan import build_plan
 from ia3tools.write import OutTensor, Staging, check_output_path, copy_side_files, write_index, write_safetensors
 
 # adapter task_type -> the transformers class suffix whose head it trains
@@ -71,8 +72,6 @@ def merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.Pat
     ckpt = open_checkpoint(base)
     ad = read_adapter(adapter_path)
     try:
-        from ia3tools.plan import build_plan
-
         plan = build_plan(ckpt, ad)
         if not plan.ok:
             first = plan.errors[0].line().removeprefix("error: ")

@@ -1,4 +1,3 @@
-
 import numpy as np
 import pytest
 from conftest import FIXTURES, edit_json, st_bytes

@@ -176,3 +176,13 @@ def test_torch_version_floor():
 
     assert _torch_version_ok("2.6.0") and _torch_version_ok("2.13.0+cpu") and _torch_version_ok("3.0")
     assert not _torch_version_ok("2.5.1") and not _torch_version_ok("1.13") and not _torch_version_ok("junk")
+
+
+def test_bin_byte_ranges_match_the_tensor_bytes(tmp_path):
+    state = {"w": torch.randn(5, 7).to(torch.bfloat16), "b": torch.tensor([True, False]), "s": torch.tensor(3.5)}
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    ckpt = open_checkpoint(tmp_path)
+    reader = ckpt.reader("w")
+    whole = state["w"].view(torch.int16).numpy().tobytes()
+    assert reader.read_bytes("w") == whole and reader.read_bytes("w", 14, 28) == whole[14:42]
+    assert reader.read_bytes("b") == b"\x01\x00" and reader.read_bytes("s") == np.float32(3.5).tobytes()

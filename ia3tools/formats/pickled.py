@@ -90,9 +90,12 @@ class BinFile:
         return t.numpy().copy()
 
     def read_bytes(self, name: str, start: int = 0, length: int | None = None) -> bytes:
-        raw = self.array(name).tobytes()
-        end = len(raw) if length is None else start + length
-        return raw[start:end]
+        """A byte range of the tensor, sliced from a byte view (no copy of the rest)."""
+        import torch
+
+        flat = self._state[name].contiguous().reshape(-1).view(torch.uint8)
+        end = flat.numel() if length is None else start + length
+        return flat[start:end].numpy().tobytes()
 
     def close(self) -> None:
         self._state = {}
