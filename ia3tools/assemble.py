@@ -5,6 +5,7 @@ and compares it with a merged directory, so the two can never drift apart."""
 
 from __future__ import annotations
 
+import functools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
@@ -95,7 +96,7 @@ def assemble(ckpt: Checkpoint, adapter: Adapter, plan: FoldPlan, folder,
         for ref in refs:
             name = plan.output_name(ref.name)
             out_dtype = dtype_for(ref)
-            read = _reader(reader, ref.name)
+            read = functools.partial(reader.read_bytes, ref.name)
             if ref.name in heads:
                 head = heads[ref.name]
                 info = adapter.heads[head.name]
@@ -124,10 +125,6 @@ def assemble(ckpt: Checkpoint, adapter: Adapter, plan: FoldPlan, folder,
     return Assembly(shards, folded, replaced, added)
 
 
-def _reader(reader, name):
-    return lambda start, length: reader.read_bytes(name, start, length)
-
-
 def _size(dtype: str, numel: int) -> int:
     return DTYPES[dtype].bits * numel // 8
 
@@ -137,9 +134,7 @@ def _head_tensor(adapter: Adapter, info, name: str, out_dtype: str, folder) -> O
     head into the model's own parameter, which casts it)."""
     if not DTYPES[info.dtype].foldable:
         out_dtype = info.dtype
-    def read(start: int, length: int) -> bytes:
-        return adapter.head_bytes(info.name, start, length)
-
+    read = functools.partial(adapter.head_bytes, info.name)
     chunks = _producer(read, info.shape, info.dtype, out_dtype, None, folder, info.key)
     return OutTensor(name, out_dtype, info.shape, _size(out_dtype, int(np.prod(info.shape, dtype=np.int64))),
                      chunks=chunks)
