@@ -67,11 +67,11 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike, options: E
     with Staging(out, options.force) as staging, Staging(out) as scratch:
         source = model_dir
         if adapter is not None:
-            from ia3tools.merge import merge
+            from ia3tools.merge import MergeOptions, merge
 
             started = time.perf_counter()
             source = scratch.path / "merged"
-            merge(model_dir, adapter, source)
+            merge(model_dir, adapter, source, MergeOptions(durable=False))  # temporary: no fsync needed
             timings["merge_s"] = _since(started)
             log(f"merged {adapter} into {model_dir} in {timings['merge_s']} s")
         task = resolve_task(options.task, source, adapter)
