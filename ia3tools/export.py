@@ -76,7 +76,7 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike, options: E
             log(f"merged {adapter} into {model_dir} in {timings['merge_s']} s")
         task = resolve_task(options.task, source, adapter)
         onnx_path = staging.path / "model.onnx"
-        report = _export_and_check(source, onnx_path, task, options, timings, log)
+        report = _export_and_check(source, onnx_path, task, options, timings, log, out)
         copy_side_files(source, staging.path)
         staging.publish(validate=validate_export)
     report.update({
@@ -192,7 +192,9 @@ def _dynamic(kind: str):
     return shapes, axes
 
 
-def _export_and_check(source: Path, onnx_path: Path, task: str, options: ExportOptions, timings, log) -> dict:
+def _export_and_check(source: Path, onnx_path: Path, task: str, options: ExportOptions, timings, log,
+                      out: Path) -> dict:
+    """Export into ``onnx_path`` (in staging) and prove it; errors name ``out``, the path the user gave."""
     import torch
 
     _, output, kind = TASKS[task]
@@ -217,8 +219,9 @@ def _export_and_check(source: Path, onnx_path: Path, task: str, options: ExportO
         try:
             got = run_onnx(onnx_path, {k: v.numpy() for k, v in parity_in.items()})
         except Exception as exc:  # onnxruntime's errors (Fail, InvalidGraph, ...) share no base class
-            raise ExportError(f"onnxruntime cannot run the export: {str(exc).strip().splitlines()[0]}",
-                              path=onnx_path) from None
+            hint = "; try --opset 18" if options.opset != 18 else ""
+            raise ExportError(f"onnxruntime cannot run the export: {str(exc).strip().splitlines()[0]}{hint}; "
+                              "nothing was published", path=out) from None
         errors = compare(reference, got, mask)
         timings["parity_s"] = _since(started)
         passed = errors["max_abs"] <= options.atol
@@ -228,7 +231,7 @@ def _export_and_check(source: Path, onnx_path: Path, task: str, options: ExportO
             f"max rel error {errors['max_rel']:.3g} (atol {options.atol:g})")
         if not passed:
             raise ExportError(f"parity check failed: max abs error {errors['max_abs']:.3g} on {output} exceeds "
-                              f"--atol {options.atol:g}; nothing was published", path=source)
+                              f"--atol {options.atol:g}; nothing was published", path=out)
     return report
 
 

@@ -32,6 +32,6 @@ def run_onnx(model_path, inputs: dict[str, np.ndarray]) -> np.ndarray:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: a failure is reported once, by the caller
     session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
     return session.run(None, inputs)[0]

@@ -114,7 +114,7 @@ def test_corrupted_export_fails_parity_and_publishes_nothing(tmp_path, monkeypat
     result = run("export-onnx", FIXTURES / "gpt2" / "base", "--adapter", FIXTURES / "gpt2" / "adapter", "-o", out)
     assert result.exit_code == 1
     error = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(error) == 1 and "parity check failed: max abs error" in error[0]
+    assert len(error) == 1 and error[0].startswith(f"Error: {out}: parity check failed: max abs error")
     assert "exceeds --atol 0.0001; nothing was published" in error[0]
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
@@ -150,3 +150,15 @@ def test_scattered_external_data_is_gathered_into_one_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
     with torch.no_grad():
         np.testing.assert_allclose(run_onnx(path, {"x": x.numpy()}), model(x).numpy(), atol=1e-6)
+
+
+def test_onnxruntime_rejecting_the_export_is_one_line_and_publishes_nothing(tmp_path):
+    """At opset 23 the exporter fuses Llama's rotary embedding into an op onnxruntime rejects."""
+    merged, out = tmp_path / "merged", tmp_path / "onnx"
+    assert run("merge", FIXTURES / "llama" / "base", FIXTURES / "llama" / "adapter", "-o", merged, "-q").exit_code == 0
+    result = run("export-onnx", merged, "-o", out, "--opset", "23")
+    assert result.exit_code == 1
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"Error: {out}: onnxruntime cannot run the export: ")
+    assert error.endswith("; try --opset 18; nothing was published") and "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
