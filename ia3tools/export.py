@@ -211,7 +211,7 @@ def _export_and_check(source: Path, onnx_path: Path, task: str, options: ExportO
     log(f"exported {task} with the {exporter} exporter (opset {options.opset}) in {timings['export_s']} s")
     del model, wrapper
     gc.collect()  # the torch model is freed before onnxruntime loads the export
-    _single_data_file(onnx_path)
+    _tidy(onnx_path)
     validate_export(onnx_path.parent)
     report = {"task": task, "exporter": exporter, "opset": options.opset, "parity": None}
     if options.parity:
@@ -281,19 +281,42 @@ def validate_export(directory: Path) -> None:
         raise ExportError(f"external data is not the single file {DATA_FILE}: {sorted(locations)}", path=path)
 
 
-def _single_data_file(path: Path) -> None:
-    """Keep all weights in one external data file with a plain name beside model.onnx: one file
-    per weight litters the directory, and a path would make the export unportable or unsafe."""
+def _tidy(path: Path) -> None:
+    """Re-save the export as it is published: all weights in one external data file with a plain
+    name beside model.onnx (one file per weight litters the directory; a path would make the export
+    unportable or unsafe), and no per-node debug metadata. The exporter records stack traces and
+    FX dumps there (about 40% of model.onnx for small models), which can carry local paths and make
+    the same model differ from machine to machine."""
     import onnx
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
     header = onnx.load(str(path), load_external_data=False)
     locations = {ExternalDataInfo(t).location for t in header.graph.initializer if uses_external_data(t)}
-    if locations == {DATA_FILE}:
-        return
+    del header
     model = onnx.load(str(path))  # brings in the weights from wherever the exporter put them
+    for node in _all_nodes(model):
+        del node.metadata_props[:]
     for name in locations:
         (path.parent / name).unlink(missing_ok=True)
     # Tiny tensors (shape constants, axes) stay inline: onnxruntime's shape inference needs them there.
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=DATA_FILE)
+    os.chmod(path.parent / DATA_FILE, path.stat().st_mode & 0o777)  # onnx creates it 0600
+
+
+def _all_nodes(model):
+    """Every node of the model: the main graph, its subgraphs (If/Loop bodies) and local functions."""
+    import onnx
+
+    graphs = [model.graph]
+    nodes = [n for f in model.functions for n in f.node]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            nodes.append(node)
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    graphs.append(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    graphs.extend(attr.graphs)
+    return nodes

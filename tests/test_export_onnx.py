@@ -43,6 +43,10 @@ def test_llama_merged_dir_exports_and_runs_after_a_move(tmp_path):
     assert report["parity"]["logits"]["max_abs"] <= 1e-4
     assert set(report["files"]) >= {"model.onnx", "model.onnx.data", "tokenizer.json", "config.json"}
     assert data_locations(out) == {"model.onnx.data"}
+    import onnx
+
+    exported = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert exported.graph.node and not any(n.metadata_props for n in exported.graph.node)  # no debug paths
     moved = tmp_path / "elsewhere" / "deployed"
     moved.parent.mkdir()
     shutil.move(out, moved)
@@ -99,7 +103,7 @@ def test_corrupted_export_fails_parity_and_publishes_nothing(tmp_path, monkeypat
 
     from ia3tools import export
 
-    original = export._single_data_file
+    original = export._tidy
 
     def corrupt(path):
         original(path)
@@ -109,7 +113,7 @@ def test_corrupted_export_fails_parity_and_publishes_nothing(tmp_path, monkeypat
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location="model.onnx.data")
 
-    monkeypatch.setattr(export, "_single_data_file", corrupt)
+    monkeypatch.setattr(export, "_tidy", corrupt)
     out = tmp_path / "onnx"
     result = run("export-onnx", FIXTURES / "gpt2" / "base", "--adapter", FIXTURES / "gpt2" / "adapter", "-o", out)
     assert result.exit_code == 1
@@ -136,7 +140,7 @@ def test_scattered_external_data_is_gathered_into_one_file(tmp_path):
     """The TorchScript fallback may write one file per weight; the export keeps one data file."""
     import onnx
 
-    from ia3tools.export import _single_data_file, validate_export
+    from ia3tools.export import _tidy, validate_export
     from ia3tools.parity import run_onnx
 
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).eval()
@@ -145,7 +149,7 @@ def test_scattered_external_data_is_gathered_into_one_file(tmp_path):
     torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["x"])
     onnx.save_model(onnx.load(str(path)), str(path), save_as_external_data=True, all_tensors_to_one_file=False)
     assert len(list(tmp_path.iterdir())) > 2
-    _single_data_file(path)
+    _tidy(path)
     validate_export(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
     with torch.no_grad():
