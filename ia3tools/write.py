@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from ia3tools.errors import OutputError
-from ia3tools.formats.safetensors import read_header
 
 STAGING_MARK = ".ia3tools-staging-"
 
@@ -334,13 +333,10 @@ def write_index(path: Path, weight_map: dict[str, str], metadata: dict) -> None:
 
 
 def validate_directory(directory: Path) -> None:
-    """Re-open every safetensors file (full header validation), then the directory as what it
-    is: an adapter (config and keys) or a checkpoint (index and shards consistent)."""
+    """Re-open the written directory as what it is: an adapter (config, keys, header) or a
+    checkpoint (index and every shard's header, fully validated, consistent with each other)."""
     from ia3tools.formats.adapter import CONFIG_NAME, read_adapter
     from ia3tools.formats.checkpoint import open_checkpoint
 
-    for f in directory.iterdir():
-        if f.suffix == ".safetensors":
-            read_header(f)
     opened = read_adapter(directory) if (directory / CONFIG_NAME).exists() else open_checkpoint(directory)
     opened.close()
