@@ -242,3 +242,15 @@ def test_no_fsync_writes_the_same_bytes_without_fsync(tmp_path, monkeypatch):
     assert durable_calls >= 4 and calls == []
     for f in sorted((tmp_path / "durable").iterdir()):
         assert (tmp_path / "fast" / f.name).read_bytes() == f.read_bytes()
+
+
+def test_cuda_without_a_gpu_is_one_line(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = run("merge", *LLAMA, "-o", tmp_path / "m", "--device", "cuda")
+    assert result.exit_code == 1 and result.stderr == "Error: --device cuda: torch reports no CUDA device\n"
+    assert not (tmp_path / "m").exists()
+    auto = run("merge", *LLAMA, "-o", tmp_path / "auto", "--device", "auto", "--json")
+    assert auto.exit_code == 0 and json.loads(auto.stdout)["device"] == "cpu"
