@@ -268,17 +268,24 @@ def _export(wrapper, inputs: dict, path: Path, opset: int, kind: str, log) -> st
 def validate_export(directory: Path) -> None:
     """Re-check a written export before it is published: the graph, and one data file beside it."""
     import onnx
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
     path = directory / "model.onnx"
     try:
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"onnx checker rejects the export: {str(exc).strip().splitlines()[0]}", path=path) from None
-    header = onnx.load(str(path), load_external_data=False)
-    locations = {ExternalDataInfo(t).location for t in header.graph.initializer if uses_external_data(t)}
+    locations = _data_locations(path)
     if locations - {DATA_FILE} or not (directory / DATA_FILE).is_file():
         raise ExportError(f"external data is not the single file {DATA_FILE}: {sorted(locations)}", path=path)
+
+
+def _data_locations(path: Path) -> set[str]:
+    """The external data files the model at ``path`` names (read without loading the weights)."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    header = onnx.load(str(path), load_external_data=False)
+    return {ExternalDataInfo(t).location for t in header.graph.initializer if uses_external_data(t)}
 
 
 def _tidy(path: Path) -> None:
@@ -288,11 +295,8 @@ def _tidy(path: Path) -> None:
     FX dumps there (about 40% of model.onnx for small models), which can carry local paths and make
     the same model differ from machine to machine."""
     import onnx
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-    header = onnx.load(str(path), load_external_data=False)
-    locations = {ExternalDataInfo(t).location for t in header.graph.initializer if uses_external_data(t)}
-    del header
+    locations = _data_locations(path)
     model = onnx.load(str(path))  # brings in the weights from wherever the exporter put them
     for node in _all_nodes(model):
         del node.metadata_props[:]

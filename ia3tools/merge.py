@@ -16,7 +16,7 @@ from pathlib import Path
 from ia3tools import __version__
 from ia3tools.assemble import Assembly, assemble
 from ia3tools.check import plan_report
-from ia3tools.errors import OutputError, PlanError
+from ia3tools.errors import OutputError
 from ia3tools.fold import make_folder
 from ia3tools.formats import open_checkpoint, read_adapter
 from ia3tools.formats.dtypes import DTYPES
@@ -73,10 +73,7 @@ def merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.Pat
     ad = read_adapter(adapter_path)
     try:
         plan = build_plan(ckpt, ad)
-        if not plan.ok:
-            first = plan.errors[0].line().removeprefix("error: ")
-            more = f" (and {len(plan.errors) - 1} more; run `ia3tools check`)" if len(plan.errors) > 1 else ""
-            raise PlanError(f"adapter does not fit the base: {first}{more}", path=adapter_path)
+        plan.require_fit(adapter_path)
         if out is not None:
             check_output_path(out, [base, adapter_path], options.force)
         folder = make_folder(options.device)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ia3tools.errors import PlanError
 from ia3tools.formats.adapter import Adapter
 from ia3tools.formats.checkpoint import Checkpoint
 from ia3tools.formats.dtypes import DTYPES
@@ -101,6 +102,14 @@ class FoldPlan:
     @property
     def ok(self) -> bool:
         return not self.errors
+
+    def require_fit(self, adapter_path) -> None:
+        """Raise the first error (and how many more) when the adapter does not fit; merge and
+        verify refuse to work on such a plan."""
+        if self.errors:
+            first = self.errors[0].line().removeprefix("error: ")
+            more = f" (and {len(self.errors) - 1} more; run `ia3tools check`)" if len(self.errors) > 1 else ""
+            raise PlanError(f"adapter does not fit the base: {first}{more}", path=adapter_path)
 
     def by_base_tensor(self) -> dict[str, tuple[VectorFold, str]]:
         """Base tensor name -> (fold, "weight" or "bias") for every tensor a vector touches."""

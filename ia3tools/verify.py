@@ -9,7 +9,6 @@ import os
 import numpy as np
 
 from ia3tools.assemble import assemble
-from ia3tools.errors import PlanError
 from ia3tools.fold import NumpyFolder
 from ia3tools.formats import open_checkpoint, read_adapter
 from ia3tools.formats.dtypes import DTYPES
@@ -25,9 +24,7 @@ def verify(base: str | os.PathLike, adapter: str | os.PathLike, merged: str | os
     ckpt, ad, out = open_checkpoint(base), read_adapter(adapter), open_checkpoint(merged)
     try:
         plan = build_plan(ckpt, ad)
-        if not plan.ok:
-            raise PlanError(f"adapter does not fit the base: {plan.errors[0].line().removeprefix('error: ')}",
-                            path=adapter)
+        plan.require_fit(adapter)
         merged_refs = out.tensors
 
         def dtype_for(ref):  # a merge made with --dtype converted floating tensors: expect that
