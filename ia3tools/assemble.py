@@ -17,9 +17,8 @@ from ia3tools.fold import NonFinite, block_scale, row_blocks
 from ia3tools.formats.adapter import Adapter
 from ia3tools.formats.checkpoint import Checkpoint, TensorRef
 from ia3tools.formats.dtypes import DTYPES
-from ia3tools.formats.safetensors import SafetensorsFile
 from ia3tools.plan import FoldPlan
-from ia3tools.write import OutTensor, RawSource
+from ia3tools.write import OutTensor
 
 
 @dataclass
@@ -91,12 +90,12 @@ def assemble(ckpt: Checkpoint, adapter: Adapter, plan: FoldPlan, folder,
     shards: dict[str, list[OutTensor]] = {}
     folded, replaced, added = [], [], []
     for shard, refs in ckpt.shard_tensors().items():
-        reader = ckpt.files[shard]
         out = shards.setdefault(shard, [])
         for ref in refs:
             name = plan.output_name(ref.name)
             out_dtype = dtype_for(ref)
-            read = functools.partial(reader.read_bytes, ref.name)
+            read = functools.partial(ckpt.read_bytes, ref.name)
+            raw = ckpt.byte_range(ref.name) if out_dtype == ref.dtype else None
             if ref.name in heads:
                 head = heads[ref.name]
                 info = adapter.heads[head.name]
@@ -109,9 +108,8 @@ def assemble(ckpt: Checkpoint, adapter: Adapter, plan: FoldPlan, folder,
                 chunks = _producer(read, ref.shape, ref.dtype, out_dtype, scale, folder, ref.name)
                 out.append(OutTensor(name, out_dtype, ref.shape, _size(out_dtype, ref.numel), chunks=chunks))
                 folded.append(name)
-            elif out_dtype == ref.dtype and isinstance(reader, SafetensorsFile):
-                start = reader.header.data_start + reader.tensors[ref.name].begin
-                out.append(OutTensor(name, ref.dtype, ref.shape, ref.nbytes, raw=RawSource(reader.fileno(), start, ref.nbytes)))
+            elif raw is not None:
+                out.append(OutTensor(name, ref.dtype, ref.shape, ref.nbytes, raw=raw))
             else:
                 chunks = _producer(read, ref.shape, ref.dtype, out_dtype, None, folder, ref.name)
                 out.append(OutTensor(name, out_dtype, ref.shape, _size(out_dtype, ref.numel), chunks=chunks))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,8 @@ import numpy as np
 from ia3tools import __version__
 from ia3tools.errors import Ia3Error
 from ia3tools.formats.adapter import CONFIG_NAME, Adapter, read_adapter
-from ia3tools.write import OutTensor, Staging, check_output_path, write_safetensors
+from ia3tools.publish import Staging, check_output_path
+from ia3tools.write import OutTensor, validate_adapter, write_safetensors
 
 METHODS = ("linear", "geometric")
 MISSING = ("identity", "zero")
@@ -50,8 +50,8 @@ def blend(adapters: list[str | os.PathLike], out: str | os.PathLike, options: Bl
         _check_compatible(loaded, options, warnings)
         vectors, partial = _blend_vectors(loaded, options)
         heads = _pick_heads(loaded, paths, options, warnings)
-        check_output_path(out, paths, options.force)
-        config = _blend_config(loaded)
+        notes = check_output_path(out, paths, options.force)
+        config = _blend_config(loaded, vectors)
         sources = [{"path": str(p), "sha256": a.sha256(), "weight": w}
                    for p, a, w in zip(paths, loaded, options.weights)]
         metadata = {
@@ -66,7 +66,8 @@ def blend(adapters: list[str | os.PathLike], out: str | os.PathLike, options: Bl
         with Staging(out, options.force) as staging:
             write_safetensors(staging.path / "adapter_model.safetensors", tensors, metadata)
             (staging.path / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            staging.publish()
+            staging.publish(validate_adapter)
+        warnings += notes + staging.notes
         return {
             "output": str(out),
             "method": options.method,
@@ -191,25 +192,25 @@ def _pick_heads(adapters, paths, options: BlendOptions, warnings: list[str]) -> 
     return heads
 
 
-def _union(values: list, *, suffix_rule: str) -> list[str] | str:
-    """Union of target (or feed-forward) specs. Lists stay lists; any regex makes a regex, with
-    lists rewritten to the regex PEFT's list rule is equivalent to."""
-    if all(isinstance(v, list) for v in values):
-        return sorted({n for v in values for n in v})
-    parts = []
-    for v in values:
-        if isinstance(v, str):
-            parts.append(f"({v})")
-        elif v:
-            names = "|".join(re.escape(n) for n in v)
-            parts.append(f"((?:.*\\.)?(?:{names}))" if suffix_rule == "dot" else f"(.*(?:{names}))")
-    return "|".join(parts) or "(?!)"
+_SCOPE_KEYS = ("target_modules", "feedforward_modules", "exclude_modules", "layers_to_transform", "layers_pattern")
 
 
-def _blend_config(adapters: list[Adapter]) -> dict:
+def _blend_config(adapters: list[Adapter], vectors: dict[str, np.ndarray]) -> dict:
+    """The blended adapter's config. Inputs that scope their modules alike keep that scope (regexes,
+    ``all-linear`` and exclusions included). Otherwise no union of their specs is safe: a regex
+    cannot hold ``all-linear``, and one input's exclusion may cover another's module. The blend
+    then names exactly the modules it has vectors for, which PEFT's list rule matches one to one,
+    and needs no exclusions."""
     config = dict(adapters[0].config.raw)
-    config["target_modules"] = _union([a.config.target_modules for a in adapters], suffix_rule="dot")
-    config["feedforward_modules"] = _union([a.config.feedforward_modules for a in adapters], suffix_rule="plain")
+    scopes = [tuple(json.dumps(a.config.raw.get(k), sort_keys=True) for k in _SCOPE_KEYS) for a in adapters]
+    if len(set(scopes)) > 1:
+        modules = sorted(vectors)
+        config["target_modules"] = modules
+        config["feedforward_modules"] = [m for m in modules
+                                         if any(m in a.vectors and a.config.is_feedforward(m) for a in adapters)]
+        for key in _SCOPE_KEYS[2:]:
+            if key in config:
+                config[key] = None
     saved = sorted({m for a in adapters for m in a.config.modules_to_save})
     config["modules_to_save"] = saved or None
     config["inference_mode"] = True

@@ -9,13 +9,14 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
 
 import click
 
 from ia3tools import __version__
 from ia3tools.blend import METHODS, MISSING
-from ia3tools.errors import Ia3Error
+from ia3tools.errors import Ia3Error, Interrupted, printable
 from ia3tools.export import TASKS
 
 
@@ -33,6 +34,9 @@ def reports_errors(f):
         except Ia3Error as exc:
             click.echo(f"Error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except Interrupted as exc:
+            click.echo(f"Error: interrupted ({signal.Signals(exc.signum).name})", err=True)
+            sys.exit(128 + exc.signum)
         except KeyboardInterrupt:
             click.echo("Error: interrupted", err=True)
             sys.exit(130)
@@ -48,7 +52,7 @@ def warn(report: dict, as_json: bool) -> None:
     """A report's warnings on stderr (``--json`` carries them in the report instead)."""
     if not as_json:
         for warning in report["warnings"]:
-            click.echo(f"warning: {warning}", err=True)
+            click.echo(f"warning: {printable(warning)}", err=True)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -58,7 +62,7 @@ def cli():
 
 
 @cli.command("inspect")
-@click.argument("path", type=click.Path(exists=True))
+@click.argument("path", type=click.Path())
 @click.option("--near-zero", type=float, default=1e-3, show_default=True,
               help="Count adapter entries with |x| below this as near zero.")
 @json_option
@@ -75,8 +79,8 @@ def inspect_cmd(path, near_zero, as_json):
 
 
 @cli.command("check")
-@click.argument("base", type=click.Path(exists=True))
-@click.argument("adapter", type=click.Path(exists=True, file_okay=False))
+@click.argument("base", type=click.Path())
+@click.argument("adapter", type=click.Path())
 @json_option
 @reports_errors
 def check_cmd(base, adapter, as_json):
@@ -120,8 +124,8 @@ def _size(ctx, param, value: str | None) -> int | None:
 
 
 @cli.command("merge")
-@click.argument("base", type=click.Path(exists=True))
-@click.argument("adapter", type=click.Path(exists=True, file_okay=False))
+@click.argument("base", type=click.Path())
+@click.argument("adapter", type=click.Path())
 @click.option("-o", "--output", "out", type=click.Path(), help="Directory to create (required unless --dry-run).")
 @click.option("--device", default="cpu", show_default=True, callback=_device,
               help="Where to fold: cpu, cuda, cuda:N or auto (CUDA when available).")
@@ -156,9 +160,9 @@ def merge_cmd(base, adapter, out, device, dtype, max_shard_size, dry_run, force,
 
 
 @cli.command("verify")
-@click.argument("base", type=click.Path(exists=True))
-@click.argument("adapter", type=click.Path(exists=True, file_okay=False))
-@click.argument("merged", type=click.Path(exists=True))
+@click.argument("base", type=click.Path())
+@click.argument("adapter", type=click.Path())
+@click.argument("merged", type=click.Path())
 @json_option
 @reports_errors
 def verify_cmd(base, adapter, merged, as_json):
@@ -174,7 +178,7 @@ def verify_cmd(base, adapter, merged, as_json):
     sys.exit(0 if report["identical"] else 1)
 
 
-@cli.command("blend")
+@cli.command("blend", context_settings={"ignore_unknown_options": True})
 @click.argument("adapters", nargs=-1, required=True)
 @click.option("--weights", "-w", required=True, multiple=True,
               help="One weight per adapter, in order: --weights 0.7 0.3 (or 0.7,0.3).")
@@ -196,12 +200,13 @@ def blend_cmd(adapters, weights, out, method, missing, heads_from, force, as_jso
     from ia3tools.blend import BlendOptions, blend
     from ia3tools.render import render_blend
 
-    # click options take one value; the rest of `--weights 0.7 0.3` arrives as trailing positionals.
+    # click options take one value; the rest of `--weights 0.7 0.3` arrives as trailing positionals
+    # (negative weights too: unknown options are passed through, and only numbers are accepted).
     adapters, trailing = _split_trailing_numbers(list(adapters))
-    values = _weights(weights[:1] + tuple(trailing) + weights[1:])
     for a in adapters:
-        if not os.path.isdir(a):
-            raise click.BadParameter(f"adapter directory {a!r} does not exist", param_hint="ADAPTERS")
+        if a.startswith("-") and not os.path.exists(a):
+            raise click.NoSuchOption(a)
+    values = _weights(weights[:1] + tuple(trailing) + weights[1:])
     if len(values) != len(adapters):
         raise click.UsageError(f"{len(adapters)} adapters but {len(values)} weights: give one weight per adapter")
     options = BlendOptions(tuple(values), method, missing, heads_from, force)
@@ -211,8 +216,8 @@ def blend_cmd(adapters, weights, out, method, missing, heads_from, force, as_jso
 
 
 @cli.command("export-onnx")
-@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--adapter", type=click.Path(exists=True, file_okay=False),
+@click.argument("model_dir", type=click.Path())
+@click.option("--adapter", type=click.Path(),
               help="Merge this IA3 adapter into MODEL_DIR first (in a temporary directory).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Directory to create.")
 @click.option("--task", type=click.Choice(["auto", *TASKS]), default="auto", show_default=True,
@@ -235,6 +240,7 @@ def export_onnx_cmd(model_dir, adapter, out, task, opset, atol, no_parity, force
 
     options = ExportOptions(task=task, opset=opset, atol=atol, parity=not no_parity, force=force)
     report = export_onnx(model_dir, out, options, adapter=adapter, log=lambda m: click.echo(m, err=True))
+    warn(report, as_json)
     emit(report, as_json, render_export)
 
 
@@ -265,7 +271,15 @@ def _weights(raw: tuple[str, ...]) -> list[float]:
     return values
 
 
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
 def main() -> None:
+    # SIGTERM and SIGHUP (a killed job, a closed terminal) clean up exactly like Ctrl-C.
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _raise_interrupted)
     cli(prog_name="ia3tools")
 
 

@@ -4,6 +4,28 @@ message and exits with ``exit_code``; nothing else reaches the user as a traceba
 from __future__ import annotations
 
 import os
+import unicodedata
+
+
+def printable(text: str) -> str:
+    """``text`` on one line: control and format characters (newlines, escapes, bidi overrides) and
+    undecodable bytes of file names are shown as escapes, so a hostile name cannot break or forge
+    a line of output."""
+    out = []
+    for ch in text:
+        if ch == "\n":
+            out.append("\\n")
+        elif ch == "\r":
+            out.append("\\r")
+        elif ch == "\t":
+            out.append("\\t")
+        elif 0xD800 <= ord(ch) <= 0xDFFF:  # a surrogate escape: a byte that is not valid UTF-8
+            out.append(f"\\x{ord(ch) & 0xFF:02x}")
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
+            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 class Ia3Error(Exception):
@@ -24,7 +46,7 @@ class Ia3Error(Exception):
         if self.tensor is not None:
             where.append(f"tensor '{self.tensor}'")
         prefix = ": ".join(where)
-        return f"{prefix}: {self.message}" if prefix else self.message
+        return printable(f"{prefix}: {self.message}" if prefix else self.message)
 
 
 class FormatError(Ia3Error):
@@ -45,3 +67,11 @@ class FoldError(Ia3Error):
 
 class OutputError(Ia3Error):
     """The output path is unusable (exists, lies inside an input, disk full)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised in the main thread so that cleanup runs as for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum

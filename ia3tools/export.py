@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import logging
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -22,8 +22,11 @@ from pathlib import Path
 from typing import Callable
 
 from ia3tools.errors import Ia3Error
+from ia3tools.formats import open_checkpoint
+from ia3tools.formats.config import architecture, read_model_config
 from ia3tools.parity import compare, run_onnx
-from ia3tools.write import Staging, check_output_path, copy_side_files
+from ia3tools.publish import Staging, check_output_path
+from ia3tools.write import ADAPTER_FILES, copy_side_files
 
 # task -> (transformers auto class, output taken, input kind)
 TASKS = {
@@ -59,12 +62,20 @@ class ExportOptions:
 
 def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike, options: ExportOptions = ExportOptions(),
                 adapter: str | os.PathLike | None = None, log: Callable[[str], None] = lambda _: None) -> dict:
-    """Export ``model_dir`` (merged first with ``adapter`` when given) to ``out``; returns the report."""
+    """Export ``model_dir`` (merged first with ``adapter`` when given) to ``out``; returns the report.
+    Exactly the weights in ``model_dir`` are exported: an adapter kept beside them is ignored
+    (named in a warning), and nothing is ever fetched over the network."""
     model_dir, out = Path(model_dir), Path(out)
+    open_checkpoint(model_dir).close()  # strict: refuses an adapter-only directory, special files, ...
+    warnings = []
+    stray = sorted(n for n in ADAPTER_FILES if os.path.lexists(model_dir / n))
+    if stray and adapter is None:
+        warnings.append(f"{model_dir} also holds {', '.join(stray)}: ignored, the weights are exported as they "
+                        "are (pass --adapter to merge an adapter first)")
     inputs = [model_dir] + ([Path(adapter)] if adapter else [])
-    check_output_path(out, inputs, options.force)
+    warnings += check_output_path(out, inputs, options.force)
     timings: dict[str, float] = {}
-    with Staging(out, options.force) as staging, Staging(out) as scratch:
+    with Staging(out, options.force) as staging, Staging(out, scratch=True) as scratch:
         source = model_dir
         if adapter is not None:
             from ia3tools.merge import MergeOptions, merge
@@ -76,15 +87,37 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike, options: E
             log(f"merged {adapter} into {model_dir} in {timings['merge_s']} s")
         task = resolve_task(options.task, source, adapter)
         onnx_path = staging.path / "model.onnx"
-        report = _export_and_check(source, onnx_path, task, options, timings, log, out)
+        view = _weights_view(source, scratch.path / "view")
+        report = _export_and_check(view, onnx_path, task, options, timings, log, out, shown=model_dir)
         copy_side_files(source, staging.path)
         staging.publish(validate=validate_export)
     report.update({
         "output": str(out),
         "files": {p.name: p.stat().st_size for p in sorted(out.iterdir())},
         "timings": timings,
+        "warnings": warnings + staging.notes,
     })
     return report
+
+
+def _weights_view(source: Path, view: Path) -> Path:
+    """A directory of links to ``source``'s files without its adapter files: transformers
+    re-applies an adapter it finds beside the weights (and fetches the base an adapter names), so
+    it is only ever shown the weights and side files."""
+    view.mkdir()
+    for entry in sorted(os.listdir(source)):
+        src = source / entry
+        if entry.startswith(".") or entry in ADAPTER_FILES or not os.path.isfile(src):
+            continue
+        target = os.path.realpath(src)
+        try:
+            os.symlink(target, view / entry)
+        except OSError:  # no symlinks here (Windows without the privilege): a hard link, else a copy
+            try:
+                os.link(target, view / entry)
+            except OSError:
+                shutil.copyfile(target, view / entry)
+    return view
 
 
 def resolve_task(task: str, model_dir: Path, adapter) -> str:
@@ -92,8 +125,7 @@ def resolve_task(task: str, model_dir: Path, adapter) -> str:
         if task not in TASKS:
             raise ExportError(f"unknown task {task!r}; one of {', '.join(TASKS)}")
         return task
-    config = model_dir / "config.json"
-    arch = ((json.loads(config.read_text()).get("architectures") or [""])[0]) if config.exists() else ""
+    arch = architecture(read_model_config(model_dir))
     for suffix, name in _ARCH_SUFFIXES:
         if arch.endswith(suffix):
             return name
@@ -106,25 +138,43 @@ def resolve_task(task: str, model_dir: Path, adapter) -> str:
     raise ExportError(f"cannot tell the task (architectures: {arch or 'none'}); pass --task", path=model_dir)
 
 
+@contextlib.contextmanager
+def offline():
+    """Forbid every hub access while transformers runs (``local_files_only`` is passed as well)."""
+    names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+    saved = {n: os.environ.get(n) for n in names}
+    os.environ.update({n: "1" for n in names})
+    try:
+        yield
+    finally:
+        for n, v in saved.items():
+            if v is None:
+                os.environ.pop(n, None)
+            else:
+                os.environ[n] = v
+
+
 def _since(started: float) -> float:
     return round(time.perf_counter() - started, 2)
 
 
-def _load(model_dir: Path, task: str):
-    import torch
-    import transformers
+def _load(model_dir: Path, task: str, shown: Path):
+    with offline():  # before transformers is first imported: huggingface_hub reads these at import
+        import torch
+        import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     cls = getattr(transformers, TASKS[task][0])
-    kwargs = {"dtype": torch.float32}
+    kwargs = {"dtype": torch.float32, "local_files_only": True}
     if TASKS[task][2] != "image":
         kwargs["attn_implementation"] = "eager"  # sdpa breaks the T5 export under dynamo
     try:
-        model = cls.from_pretrained(model_dir, **kwargs)
+        with offline():
+            model = cls.from_pretrained(model_dir, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise ExportError(f"transformers cannot load it as {TASKS[task][0]}: {str(exc).splitlines()[0]}",
-                          path=model_dir) from None
+                          path=shown) from None
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
     return model.eval()
@@ -193,13 +243,13 @@ def _dynamic(kind: str):
 
 
 def _export_and_check(source: Path, onnx_path: Path, task: str, options: ExportOptions, timings, log,
-                      out: Path) -> dict:
+                      out: Path, shown: Path) -> dict:
     """Export into ``onnx_path`` (in staging) and prove it; errors name ``out``, the path the user gave."""
     import torch
 
     _, output, kind = TASKS[task]
     started = time.perf_counter()
-    model = _load(source, task)
+    model = _load(source, task, shown)
     wrapper = _wrap(model, output, kind)
     # batch >= 2 and length >= 2, or the exporter fixes the axis to the example's size
     export_in, _ = example_inputs(model, kind, 2, 8, 6, pad=False, seed=0)

@@ -30,7 +30,10 @@ def row_blocks(shape: tuple[int, ...], itemsize: int, block_bytes: int | None = 
     row_bytes = itemsize
     for d in shape[1:]:
         row_bytes *= d
-    per_block = max(1, block_bytes // max(row_bytes, 1))
+    if rows == 0 or row_bytes == 0:  # no bytes at all: one block, however many (empty) rows
+        yield 0, rows
+        return
+    per_block = max(1, block_bytes // row_bytes)
     for lo in range(0, rows, per_block):
         yield lo, min(per_block, rows - lo)
 
@@ -74,6 +77,8 @@ class NumpyFolder:
         """``raw`` (``dtype``, ``shape``) cast to ``out_dtype``, then times ``scale`` in float32 and
         cast back; ``scale`` None only converts."""
         out_dtype = out_dtype or dtype
+        if not len(raw):  # an empty tensor (a zero dimension) folds to nothing
+            return memoryview(b"")
         x = self.decode(raw, dtype, shape)
         if out_dtype != dtype:  # from_pretrained(dtype=...) casts before PEFT merges
             x = x.astype(DTYPES[out_dtype].numpy)
@@ -102,12 +107,17 @@ class TorchFolder:
     def __init__(self, device: str):
         import torch
 
+        from ia3tools.errors import Ia3Error
+
         self.torch = torch
         self.device = device
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            from ia3tools.errors import Ia3Error
-
-            raise Ia3Error("--device cuda: torch reports no CUDA device")
+        if device.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise Ia3Error("--device cuda: torch reports no CUDA device")
+            index = int(device.partition(":")[2] or 0)
+            count = torch.cuda.device_count()
+            if index >= count:
+                raise Ia3Error(f"--device {device}: torch sees {count} CUDA device(s), numbered 0 to {count - 1}")
 
     def _dtype(self, name: str):
         from ia3tools.formats.dtypes import to_torch
@@ -118,6 +128,8 @@ class TorchFolder:
              out_dtype: str | None = None) -> bytes:
         torch = self.torch
         out_dtype = out_dtype or dtype
+        if not len(raw):  # an empty tensor (torch.frombuffer refuses empty buffers)
+            return b""
         x = torch.frombuffer(bytearray(raw), dtype=self._dtype(dtype)).reshape(shape)
         x = x.to(self.device, non_blocking=True).to(self._dtype(out_dtype))
         if scale is not None:

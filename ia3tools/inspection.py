@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from ia3tools.formats.adapter import CONFIG_NAME, Adapter, read_adapter
-from ia3tools.formats.checkpoint import Checkpoint, open_checkpoint
+from ia3tools.formats.checkpoint import WEIGHT_NAMES, Checkpoint, open_checkpoint
+from ia3tools.formats.files import is_dir
 
 NEAR_ZERO = 1e-3  # |x| below this scales an activation to (almost) nothing
 _LAYER_INDEX = re.compile(r"\.\d+(?=\.|$)")
@@ -24,7 +25,10 @@ def group_name(module: str) -> str:
 
 def inspect_path(path: str | os.PathLike, *, near_zero: float = NEAR_ZERO) -> dict:
     path = Path(path)
-    if path.is_dir() and (path / CONFIG_NAME).exists():
+    # A directory is an adapter by its content: a base that also keeps an adapter_config.json
+    # (some hub repositories do) is still a checkpoint.
+    if is_dir(path) and os.path.lexists(path / CONFIG_NAME) and not any(
+            os.path.lexists(path / n) for n in WEIGHT_NAMES):
         adapter = read_adapter(path)
         try:
             return adapter_report(adapter, near_zero=near_zero)

@@ -7,7 +7,9 @@ row blocks; so memory stays flat whatever the model or shard size.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -16,12 +18,14 @@ from pathlib import Path
 from ia3tools import __version__
 from ia3tools.assemble import Assembly, assemble
 from ia3tools.check import plan_report
-from ia3tools.errors import OutputError
+from ia3tools.errors import FormatError, OutputError
 from ia3tools.fold import make_folder
 from ia3tools.formats import open_checkpoint, read_adapter
+from ia3tools.formats.config import CONFIG_NAME, architecture, read_model_config
 from ia3tools.formats.dtypes import DTYPES
 from ia3tools.plan import build_plan
-from ia3tools.write import OutTensor, Staging, check_output_path, copy_side_files, write_index, write_safetensors
+from ia3tools.publish import Staging, check_output_path
+from ia3tools.write import OutTensor, copy_side_files, validate_checkpoint, write_index, write_safetensors
 
 # adapter task_type -> the transformers class suffix whose head it trains
 TASK_CLASSES = {
@@ -55,7 +59,7 @@ def parse_size(text: str) -> int:
         value = float(number)
     except ValueError:
         raise ValueError(f"not a size: {text!r} (try 2GB or 500MB)") from None
-    if unit not in units or value <= 0:
+    if unit not in units or not math.isfinite(value) or value <= 0 or value * units[unit] < 1:
         raise ValueError(f"not a size: {text!r} (try 2GB or 500MB)")
     return int(value * units[unit])
 
@@ -69,17 +73,19 @@ def merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.Pat
     out = Path(out) if out is not None else None
     if out is None and not options.dry_run:
         raise OutputError("no output directory given")
-    ckpt = open_checkpoint(base)
-    ad = read_adapter(adapter_path)
-    try:
+    with contextlib.ExitStack() as inputs:
+        ckpt = open_checkpoint(base)
+        inputs.callback(ckpt.close)
+        ad = read_adapter(adapter_path)
+        inputs.callback(ad.close)
         plan = build_plan(ckpt, ad)
         plan.require_fit(adapter_path)
-        if out is not None:
-            check_output_path(out, [base, adapter_path], options.force)
+        notes = check_output_path(out, [base, adapter_path], options.force) if out is not None else []
         folder = make_folder(options.device)
         dtype_for = _dtype_rule(options.dtype)
         assembly = assemble(ckpt, ad, plan, folder, dtype_for)
         layout = _layout(ckpt, assembly, options.max_shard_size)
+        config = _retargeted_config(ckpt, ad, plan, assembly)  # checked before a byte is written
         report = {
             "output": str(out) if out is not None else None,
             "base": str(base),
@@ -95,7 +101,7 @@ def merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.Pat
             "shards": [{"name": n, "tensors": len(ts), "bytes": sum(t.nbytes for t in ts)} for n, ts in layout.items()],
             "bytes": sum(t.nbytes for t in assembly.all_tensors()),
             "dry_run": options.dry_run,
-            "warnings": [w.line().removeprefix("warning: ") for w in plan.warnings],
+            "warnings": [w.line().removeprefix("warning: ") for w in plan.warnings] + notes,
         }
         if options.dry_run:
             report["plan"] = plan_report(plan, base=base, adapter=adapter_path, vectors=len(ad.vectors))
@@ -110,14 +116,12 @@ def merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.Pat
             _write_weights(staging.path, layout, metadata, report["bytes"], options.progress, options.durable)
             if ckpt.path.is_dir():
                 copy_side_files(ckpt.path, staging.path)
-            if plan.names.rename_output:
-                _retarget_config(staging.path, ad, plan, assembly)
-            staging.publish()
+            if config is not None:
+                (staging.path / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            staging.publish(validate_checkpoint)
+        report["warnings"] += staging.notes
         report["seconds"] = round(time.perf_counter() - started, 3)
         return report
-    finally:
-        ad.close()
-        ckpt.close()
 
 
 def _dtype_rule(dtype: str | None):
@@ -160,22 +164,25 @@ def _write_weights(directory: Path, layout, metadata: dict, total: int, progress
         write_index(directory / "model.safetensors.index.json", weight_map, index_meta)
 
 
-def _retarget_config(directory: Path, adapter, plan, assembly: Assembly) -> None:
-    """A bare backbone that gained a task head: make config.json name the task model, so that
-    ``AutoModelFor<Task>.from_pretrained`` loads every weight, and size the label maps to the head."""
-    path = directory / "config.json"
-    if not path.exists():
-        return
-    config = json.loads(path.read_text())
+def _retargeted_config(ckpt, adapter, plan, assembly: Assembly) -> dict | None:
+    """A bare backbone that gains a task head: config.json must name the task model, so that
+    ``AutoModelFor<Task>.from_pretrained`` loads every weight, with label maps sized to the head.
+    Returns that config (None when nothing changes); raises before anything is written."""
+    if not plan.names.rename_output or not ckpt.path.is_dir():
+        return None
+    config = read_model_config(ckpt.path)
+    if config is None:
+        return None
+    path = ckpt.path / CONFIG_NAME
     task = adapter.config.task_type
     suffix = TASK_CLASSES.get(task or "")
     if suffix is None:
         raise OutputError(f"the adapter adds head tensors but its task_type {task!r} names no transformers task",
-                          path=adapter.path)
-    arch = (config.get("architectures") or [""])[0]
+                          path=adapter.config.path)
+    arch = architecture(config)
     stem = arch[: -len("Model")] if arch.endswith("Model") else arch
     if not stem:
-        raise OutputError("config.json names no architecture to derive the task model from", path=path)
+        raise FormatError("config names no architecture to derive the task model from", path=path)
     config["architectures"] = [stem + suffix]
     if task in ("SEQ_CLS", "TOKEN_CLS"):
         weights = [t for t in assembly.all_tensors() if t.name in assembly.added and len(t.shape) == 2]
@@ -184,6 +191,4 @@ def _retarget_config(directory: Path, adapter, plan, assembly: Assembly) -> None
             if len(config.get("id2label") or {}) != labels:
                 config["id2label"] = {str(i): f"LABEL_{i}" for i in range(labels)}
                 config["label2id"] = {f"LABEL_{i}": i for i in range(labels)}
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
+    return config

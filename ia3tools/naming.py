@@ -16,18 +16,27 @@ def base_modules(tensors: Mapping) -> list[str]:
     return [name[: -len(".weight")] for name in tensors if name.endswith(".weight")]
 
 
-def candidates(name: str, tensors: Mapping) -> list[tuple[str, str, str | None]]:
-    """(base tensor, kind, prefix) for every way ``name`` may be found in ``tensors``."""
-    if name in tensors:
-        return [(name, "exact", None)]
-    found = []
-    head, sep, rest = name.partition(".")
-    if sep and rest in tensors:
-        found.append((rest, "strip", head))
-    for prefix in sorted({t.partition(".")[0] for t in tensors if "." in t}):
-        if f"{prefix}.{name}" in tensors:
-            found.append((f"{prefix}.{name}", "add", prefix))
-    return found
+class BaseNames:
+    """A checkpoint's tensor names, with the first name components indexed once (looking a name up
+    across a prefix then costs one probe per prefix, not a scan of every tensor)."""
+
+    def __init__(self, tensors: Mapping):
+        self.tensors = tensors
+        self.prefixes = sorted({t.partition(".")[0] for t in tensors if "." in t})
+
+    def candidates(self, name: str) -> list[tuple[str, str, str | None]]:
+        """(base tensor, kind, prefix) for every way ``name`` may be found."""
+        tensors = self.tensors
+        if name in tensors:
+            return [(name, "exact", None)]
+        found = []
+        head, sep, rest = name.partition(".")
+        if sep and rest in tensors:
+            found.append((rest, "strip", head))
+        for prefix in self.prefixes:
+            if f"{prefix}.{name}" in tensors:
+                found.append((f"{prefix}.{name}", "add", prefix))
+        return found
 
 
 @dataclass
@@ -43,11 +52,11 @@ class NameMap:
     rename_output: bool = False
 
     @classmethod
-    def infer(cls, base_tensors: Mapping, adapter_names: list[str]) -> "NameMap":
+    def infer(cls, base: BaseNames, adapter_names: list[str]) -> "NameMap":
         votes: Counter = Counter()
         for name in adapter_names:
             for probe in (f"{name}.weight", name):
-                found = candidates(probe, base_tensors)
+                found = base.candidates(probe)
                 if len(found) == 1:
                     votes[(found[0][1], found[0][2])] += 1
                     break
@@ -83,10 +92,10 @@ class NameMap:
         return "names match exactly"
 
 
-def resolve(name: str, tensors: Mapping, names: NameMap) -> str | list[str]:
+def resolve(name: str, base: BaseNames, names: NameMap) -> str | list[str]:
     """The base tensor for adapter-namespace ``name``: a string when exactly one is found, else
     the list of candidates (empty when none, several when ambiguous)."""
-    found = candidates(name, tensors)
+    found = base.candidates(name)
     if len(found) > 1:
         # The inferred namespace relation settles a tie; anything else is ambiguous.
         preferred = [f for f in found if (f[1], f[2]) == (names.kind, names.prefix)]

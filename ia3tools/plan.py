@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ia3tools.errors import PlanError
-from ia3tools.formats.adapter import Adapter
+from ia3tools.formats.adapter import Adapter, ModuleNames
 from ia3tools.formats.checkpoint import Checkpoint
 from ia3tools.formats.dtypes import DTYPES
-from ia3tools.naming import NameMap, base_modules, resolve
+from ia3tools.naming import BaseNames, NameMap, base_modules, resolve
 
 _LAYERS = {2: "linear", 4: "conv2d", 5: "conv3d"}
 
@@ -132,7 +132,8 @@ class FoldPlan:
 def build_plan(base: Checkpoint, adapter: Adapter) -> FoldPlan:
     """Match every vector and head tensor of ``adapter`` to ``base``; never raises for a misfit,
     records it as a finding instead (so ``check`` can list them all)."""
-    names = NameMap.infer(base.tensors, list(adapter.vectors) + list(adapter.heads))
+    index = BaseNames(base.tensors)
+    names = NameMap.infer(index, list(adapter.vectors) + list(adapter.heads))
     plan = FoldPlan(names)
     err = _reporter(plan, "error")
     warn = _reporter(plan, "warning")
@@ -141,11 +142,11 @@ def build_plan(base: Checkpoint, adapter: Adapter) -> FoldPlan:
 
     _check_config(plan, base, adapter, err, warn)
     for module, vector in adapter.vectors.items():
-        fold = _plan_vector(plan, base, adapter, module, vector, err)
+        fold = _plan_vector(plan, base, index, adapter, module, vector, err)
         if fold is not None:
             plan.folds.append(fold)
     for name in adapter.heads:
-        _plan_head(plan, base, adapter, name, err)
+        _plan_head(plan, base, index, adapter, name, err)
 
     seen: dict[str, str] = {}
     for fold in plan.folds:
@@ -168,22 +169,22 @@ def _reporter(plan: FoldPlan, severity: str):
 
 def _check_config(plan, base: Checkpoint, adapter: Adapter, err, warn) -> None:
     config = adapter.config
-    modules = [plan.names.to_adapter(m) for m in base_modules(base.tensors)]
+    base_names = base_modules(base.tensors)
+    modules = [plan.names.to_adapter(m) for m in base_names]
     targets, ff = config.target_modules, config.feedforward_modules
     if isinstance(targets, list):
-        for t in targets:
-            if not any(m == t or m.endswith(f".{t}") for m in modules):
-                err("unmatched-target", f"target_modules entry {t!r} matches no module of the base")
-    elif targets != "all-linear" and not any(config.is_target(m) for m in modules):
+        for t in ModuleNames(targets, "dot").unmatched(modules):
+            err("unmatched-target", f"target_modules entry {t!r} matches no module of the base")
+    elif not config.all_linear and not any(config.is_target(m) for m in modules):
         err("unmatched-target", f"target_modules regex {targets!r} matches no module of the base")
     if isinstance(ff, list) and isinstance(targets, list):
+        listed = set(targets)
         for f in ff:
-            if f not in targets:
+            if f not in listed:
                 err("feedforward-not-target", f"feedforward_modules entry {f!r} is not in target_modules")
 
     missing = []
-    for base_module in base_modules(base.tensors):
-        m = plan.names.to_adapter(base_module)
+    for base_module, m in zip(base_names, modules):
         if (
             m not in adapter.vectors
             and config.is_target(m)
@@ -191,14 +192,14 @@ def _check_config(plan, base: Checkpoint, adapter: Adapter, err, warn) -> None:
             and len(base.tensors[f"{base_module}.weight"].shape) in _LAYERS
         ):
             missing.append(m)
-    if missing and config.target_modules != "all-linear":
+    if missing and not config.all_linear:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         warn("no-vector", f"{len(missing)} base module(s) match target_modules but have no vector: {shown}")
 
 
-def _plan_vector(plan, base: Checkpoint, adapter: Adapter, module: str, vector: np.ndarray, err):
+def _plan_vector(plan, base: Checkpoint, index: BaseNames, adapter: Adapter, module: str, vector: np.ndarray, err):
     config = adapter.config
-    found = resolve(f"{module}.weight", base.tensors, plan.names)
+    found = resolve(f"{module}.weight", index, plan.names)
     if isinstance(found, list):
         if not found:
             err("missing-module", f"no weight {module}.weight (or across a backbone prefix) in the base", module)
@@ -289,9 +290,9 @@ def _conv(module, vshape, wshape, feedforward, err):
     return 1, length // per_group, length
 
 
-def _plan_head(plan, base: Checkpoint, adapter: Adapter, name: str, err) -> None:
+def _plan_head(plan, base: Checkpoint, index: BaseNames, adapter: Adapter, name: str, err) -> None:
     info = adapter.heads[name]
-    found = resolve(name, base.tensors, plan.names)
+    found = resolve(name, index, plan.names)
     if isinstance(found, list) and found:
         err("ambiguous-module", f"modules_to_save tensor matches several base tensors: {', '.join(found)}", name)
         return

@@ -13,7 +13,9 @@ from ia3tools.fold import NumpyFolder
 from ia3tools.formats import open_checkpoint, read_adapter
 from ia3tools.formats.dtypes import DTYPES
 from ia3tools.plan import build_plan
-from ia3tools.write import OutTensor, RawSource
+from ia3tools.errors import FormatError
+from ia3tools.formats.safetensors import ByteRange
+from ia3tools.write import OutTensor, read_input
 
 _COMPARE_BLOCK = 16 * 1024 * 1024
 
@@ -69,12 +71,12 @@ def _expected_blocks(t: OutTensor):
     return t.chunks()
 
 
-def _raw_blocks(raw: RawSource):
+def _raw_blocks(raw: ByteRange):
     done = 0
     while done < raw.nbytes:
-        chunk = os.pread(raw.fd, min(_COMPARE_BLOCK, raw.nbytes - done), raw.offset + done)
+        chunk = read_input(raw, done, min(_COMPARE_BLOCK, raw.nbytes - done))
         if not chunk:
-            break
+            raise FormatError("file shrank while being read (it ends inside the tensor data)", path=raw.path)
         yield chunk
         done += len(chunk)
 

@@ -1,9 +1,8 @@
-"""Writing model directories atomically.
+"""Writing safetensors files: a header, then each tensor's bytes at its fixed offset, copied raw in
+the kernel (untouched tensors) or produced block by block (folded and converted ones).
 
-Everything is written into a staging directory beside the output (same filesystem, so the final
-``rename`` is atomic), fsynced, re-opened and validated, and only then renamed into place. A
-process killed midway leaves only a hidden ``.<name>.ia3tools-staging-<pid>-<token>`` directory,
-never something at the output path that looks complete; the next run removes stale ones.
+Errors keep their blame: a source that ends early or cannot be read is a ``FormatError`` naming
+the *input* file; only failures to write (a full disk) are the output's.
 """
 
 from __future__ import annotations
@@ -11,8 +10,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import secrets
-import shutil
 import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -20,18 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from ia3tools.errors import OutputError
+from ia3tools.errors import FormatError
+from ia3tools.formats import files
+from ia3tools.formats.files import open_regular, os_reason
+from ia3tools.formats.safetensors import ByteRange
 
-STAGING_MARK = ".ia3tools-staging-"
-
-
-@dataclass(frozen=True)
-class RawSource:
-    """Bytes copied verbatim from an open file (never decoded)."""
-
-    fd: int
-    offset: int
-    nbytes: int
+_OUTPUT_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 @dataclass(frozen=True)
@@ -43,140 +34,8 @@ class OutTensor:
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
-    raw: RawSource | None = None
+    raw: ByteRange | None = None
     chunks: Callable[[], Iterable[bytes]] | None = None
-
-
-def check_output_path(out: Path, inputs: Iterable[Path], force: bool) -> None:
-    """Refuse an output equal to, inside, or containing an input; refuse an existing one unless forced."""
-    real_out = out.resolve()
-    for inp in inputs:
-        real_in = Path(inp).resolve()
-        if real_out == real_in or real_in in real_out.parents:
-            raise OutputError(f"output is inside the input {inp}", path=out)
-        if real_out in real_in.parents:
-            raise OutputError(f"output would contain the input {inp}", path=out)
-    if out.exists() or out.is_symlink():
-        if not force:
-            raise OutputError("output already exists (use --force to replace it)", path=out)
-        if not out.is_dir() or out.is_symlink():
-            raise OutputError("output exists and is not a directory; refusing to replace it", path=out)
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise OutputError(f"{parent} is not a directory", path=out)
-            break
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_staging(out: Path) -> list[Path]:
-    """Remove staging directories for ``out`` left by processes that no longer run."""
-    removed = []
-    prefix = f".{out.name}{STAGING_MARK}"
-    for entry in out.parent.iterdir() if out.parent.exists() else []:
-        if entry.name.startswith(prefix) and entry.is_dir() and not entry.is_symlink():
-            pid_text = entry.name[len(prefix):].split("-")[0]
-            if pid_text.isdigit() and not _pid_alive(int(pid_text)):
-                shutil.rmtree(entry, ignore_errors=True)
-                removed.append(entry)
-    return removed
-
-
-class Staging:
-    """A staging directory that becomes ``out`` on ``publish()`` and vanishes on any failure."""
-
-    def __init__(self, out: Path, force: bool = False, durable: bool = True):
-        self.out = out
-        self.force = force
-        self.durable = durable  # fsync before the rename: the output survives a power loss
-        self.path = out.parent / f".{out.name}{STAGING_MARK}{os.getpid()}-{secrets.token_hex(4)}"
-
-    def __enter__(self) -> "Staging":
-        # Create missing parents of the output (and remember them, to remove them on failure).
-        self.created = [p for p in reversed(self.out.parents) if not p.exists()]
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_staging(self.out)
-        self.path.mkdir()
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if self.path.exists():
-            shutil.rmtree(self.path, ignore_errors=True)
-        if exc_type is not None:
-            for parent in reversed(self.created):
-                try:
-                    parent.rmdir()
-                except OSError:
-                    break
-        if isinstance(exc, OSError) and not isinstance(exc, OutputError):
-            raise _os_error(exc, self.out) from None
-        return False
-
-    def publish(self, validate: Callable[[Path], None] | None = None) -> None:
-        """fsync every file and the directory, validate (``validate_directory`` by default), then
-        rename into place atomically."""
-        if self.durable:
-            for f in self.path.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            _fsync_dir(self.path)
-        (validate or validate_directory)(self.path)
-        if self.out.exists() and _exchange(self.path, self.out):
-            # --force: one atomic swap; the old output now sits in the staging path.
-            if self.durable:
-                _fsync_dir(self.out.parent)
-            shutil.rmtree(self.path, ignore_errors=True)
-            return
-        trash = None
-        if self.out.exists():  # no atomic exchange here: move the old output aside, swap, drop it
-            trash = self.out.parent / f".{self.out.name}{STAGING_MARK}{os.getpid()}-old-{secrets.token_hex(4)}"
-            os.rename(self.out, trash)
-        try:
-            os.rename(self.path, self.out)
-        except OSError:
-            if trash is not None:
-                os.rename(trash, self.out)
-            raise
-        if self.durable:
-            _fsync_dir(self.out.parent)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths with Linux's renameat2(RENAME_EXCHANGE); False where unavailable."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _os_error(exc: OSError, out: Path) -> OutputError:
-    reason = {errno.ENOSPC: "disk full", errno.EFBIG: "file size limit reached", errno.EDQUOT: "disk quota exceeded"}
-    why = reason.get(exc.errno, exc.strerror or str(exc))
-    return OutputError(f"cannot write the output: {why}; nothing was written", path=out)
 
 
 def build_header(tensors: list[OutTensor], metadata: dict[str, str]) -> bytes:
@@ -197,7 +56,7 @@ def write_safetensors(path: Path, tensors: list[OutTensor], metadata: dict[str, 
     offsets concurrently, by ``workers`` threads. Written ranges are handed to the kernel for
     writeback at once (when ``durable``), so the final fsync has little left to wait for."""
     header = build_header(tensors, metadata)
-    jobs: list[tuple[int, RawSource | OutTensor]] = []
+    jobs: list[tuple[int, ByteRange | OutTensor]] = []
     position = len(header)
     for run in _coalesce(tensors):
         jobs.append((position, run))
@@ -205,11 +64,10 @@ def write_safetensors(path: Path, tensors: list[OutTensor], metadata: dict[str, 
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
     stop = threading.Event()
     try:
-        if position:
-            os.posix_fallocate(fd, 0, position)  # a full disk fails here, before any real work
+        _reserve(fd, position)
         _pwrite_all(fd, header, 0)
-        raw_jobs = [(off, job) for off, job in jobs if isinstance(job, RawSource)]
-        computed = [(off, job) for off, job in jobs if not isinstance(job, RawSource)]
+        raw_jobs = [(off, job) for off, job in jobs if isinstance(job, ByteRange)]
+        computed = [(off, job) for off, job in jobs if not isinstance(job, ByteRange)]
 
         def copy_raw():
             for offset, src in raw_jobs:
@@ -247,6 +105,17 @@ def write_safetensors(path: Path, tensors: list[OutTensor], metadata: dict[str, 
         os.close(fd)
 
 
+def _reserve(fd: int, size: int) -> None:
+    """Allocate the file's blocks up front, so that a full disk fails here, before any real work."""
+    if size and hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as exc:
+            if exc.errno in _OUTPUT_FULL:
+                raise
+            # EOPNOTSUPP/EINVAL: the filesystem cannot preallocate; the writes find out instead
+
+
 def _pwrite_all(fd: int, data, offset: int) -> None:
     view = memoryview(data).cast("B")
     while view:
@@ -261,13 +130,13 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
         os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
-def _coalesce(tensors: list[OutTensor]) -> Iterator[RawSource | OutTensor]:
-    pending: RawSource | None = None
+def _coalesce(tensors: list[OutTensor]) -> Iterator[ByteRange | OutTensor]:
+    pending: ByteRange | None = None
     for t in tensors:
         if t.raw is not None:
             r = t.raw
             if pending and pending.fd == r.fd and pending.offset + pending.nbytes == r.offset:
-                pending = RawSource(r.fd, pending.offset, pending.nbytes + r.nbytes)
+                pending = ByteRange(r.fd, pending.offset, pending.nbytes + r.nbytes, r.path)
                 continue
             if pending:
                 yield pending
@@ -281,10 +150,11 @@ def _coalesce(tensors: list[OutTensor]) -> Iterator[RawSource | OutTensor]:
         yield pending
 
 
-def _copy_range(src: RawSource, dst_fd: int, dst_offset: int) -> None:
+def _copy_range(src: ByteRange, dst_fd: int, dst_offset: int) -> None:
     """Copy ``src`` to ``dst_offset`` of ``dst_fd`` in the kernel (copy_file_range, which can share
-    extents on reflink filesystems), falling back to pread/pwrite where unsupported. Positional on
-    both sides, so several threads may copy into one file at once."""
+    extents on reflink filesystems), falling back to pread/pwrite where unsupported or where an
+    error must be pinned on one side. Positional on both sides, so several threads may copy into
+    one file at once."""
     done = 0
     use_cfr = hasattr(os, "copy_file_range")
     while done < src.nbytes:
@@ -294,49 +164,80 @@ def _copy_range(src: RawSource, dst_fd: int, dst_offset: int) -> None:
             try:
                 n = os.copy_file_range(src.fd, dst_fd, want, src.offset + done, dst_offset + done)
             except OSError as exc:
-                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                if exc.errno in _OUTPUT_FULL:
                     raise
-                use_cfr = False
+                use_cfr = False  # unsupported here, or an error whose side pread/pwrite will tell
         if not use_cfr:
-            chunk = os.pread(src.fd, min(want, 16 << 20), src.offset + done)
-            if not chunk:
-                raise OSError(errno.EIO, "source file ended early")
+            chunk = read_input(src, done, min(want, 16 << 20))
             _pwrite_all(dst_fd, chunk, dst_offset + done)
             n = len(chunk)
         if n == 0:
-            raise OSError(errno.EIO, "source file ended early")
+            raise FormatError("file shrank while being read (it ends inside the tensor data)", path=src.path)
         done += n
 
 
+def read_input(src: ByteRange, start: int, length: int) -> bytes:
+    """Up to ``length`` bytes of ``src`` from ``start``; read errors name the input file."""
+    try:
+        return files.pread(src.fd, length, src.offset + start)
+    except OSError as exc:
+        raise FormatError(f"cannot read: {os_reason(exc)}", path=src.path) from None
+
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json", ".onnx", ".onnx.data")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
 
 def copy_side_files(source: Path, directory: Path) -> list[str]:
     """Copy the files of a model directory that are not weights (config, generation config,
-    tokenizer, preprocessor, README, ...) into ``directory``. Hidden files and subdirectories are
-    skipped; a file that resolves outside ``source`` (a hostile symlink) is refused."""
+    tokenizer, preprocessor, README, ...) into ``directory``. Hidden files, subdirectories and an
+    adapter kept beside the weights are skipped. A side file that is not a regular file (a FIFO, a
+    device) or resolves outside ``source`` (a hostile symlink) is refused, naming it."""
     from ia3tools.formats.checkpoint import resolve_member
 
     copied = []
     for entry in sorted(os.listdir(source)):
         src = source / entry
-        if entry.startswith(".") or entry.endswith(WEIGHT_SUFFIXES) or not src.is_file():
+        if entry.startswith(".") or entry.endswith(WEIGHT_SUFFIXES) or entry in ADAPTER_FILES:
+            continue
+        if os.path.isdir(src) and not os.path.islink(src):
             continue
         resolve_member(source, entry, source, what="side file")
-        shutil.copyfile(src, directory / entry)
+        _copy_file(src, directory / entry)
         copied.append(entry)
     return copied
+
+
+def _copy_file(src: Path, dst: Path) -> None:
+    fd = open_regular(src, "side file")
+    try:
+        with open(dst, "xb") as out:
+            while True:
+                try:
+                    chunk = os.read(fd, 1 << 20)
+                except OSError as exc:
+                    raise FormatError(f"cannot read side file: {os_reason(exc)}", path=src) from None
+                if not chunk:
+                    break
+                out.write(chunk)
+    finally:
+        os.close(fd)
 
 
 def write_index(path: Path, weight_map: dict[str, str], metadata: dict) -> None:
     path.write_text(json.dumps({"metadata": metadata, "weight_map": weight_map}, indent=2) + "\n")
 
 
-def validate_directory(directory: Path) -> None:
-    """Re-open the written directory as what it is: an adapter (config, keys, header) or a
-    checkpoint (index and every shard's header, fully validated, consistent with each other)."""
-    from ia3tools.formats.adapter import CONFIG_NAME, read_adapter
+def validate_checkpoint(directory: Path) -> None:
+    """Re-open a written model directory as a checkpoint: index and every shard's header, fully
+    validated and consistent with each other."""
     from ia3tools.formats.checkpoint import open_checkpoint
 
-    opened = read_adapter(directory) if (directory / CONFIG_NAME).exists() else open_checkpoint(directory)
-    opened.close()
+    open_checkpoint(directory).close()
+
+
+def validate_adapter(directory: Path) -> None:
+    """Re-open a written adapter directory: its config, keys and header."""
+    from ia3tools.formats.adapter import read_adapter
+
+    read_adapter(directory).close()

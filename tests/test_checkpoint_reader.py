@@ -76,7 +76,7 @@ def test_fifo_shard_is_refused(tmp_path):
     d, index = sharded(tmp_path)
     os.remove(d / "model-00002-of-00002.safetensors")
     os.mkfifo(d / "model-00002-of-00002.safetensors")
-    with pytest.raises(FormatError, match="model-00002-of-00002.safetensors: not a regular file"):
+    with pytest.raises(FormatError, match="model-00002-of-00002.safetensors: safetensors file is a FIFO, not a regular file"):
         open_checkpoint(d)
 
 

@@ -124,8 +124,12 @@ def test_check_unreadable_adapter(fixture_copy):
 
 def test_usage_errors_exit_2():
     assert run("check", FIXTURES / "llama" / "base").exit_code == 2
-    assert run("inspect", "/no/such/path").exit_code == 2
     assert run("inspect", FIXTURES / "llama" / "base", "--bogus").exit_code == 2
+
+
+def test_a_missing_input_is_a_bad_input_exit_1():
+    result = run("inspect", "/no/such/path")
+    assert result.exit_code == 1 and result.stderr == "Error: /no/such/path: no such file or directory\n"
 
 
 def test_python_dash_m_runs():

@@ -11,7 +11,7 @@ from conftest import FIXTURES
 from peft_oracle import load_peft
 
 from ia3tools.cli import cli
-from ia3tools.write import STAGING_MARK
+from ia3tools.publish import MARK as STAGING_MARK
 
 
 def run(*args):

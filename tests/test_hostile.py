@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from ia3tools.cli import cli
 from ia3tools.errors import Ia3Error
-from ia3tools.write import STAGING_MARK
+from ia3tools.publish import MARK as STAGING_MARK
 
 sys.path.insert(0, str(ROOT / "fixtures" / "bad"))
 import make_bad  # noqa: E402
@@ -117,16 +117,19 @@ def test_fuzz_configs_against_a_base_only_raise_typed_errors(tmp_path, config):
 
 
 def test_every_written_directory_is_validated_before_it_is_published(tmp_path, monkeypatch):
-    from ia3tools import write
+    from ia3tools import blend, merge
 
     seen = []
-    real = write.validate_directory
 
-    def recording(directory):
-        seen.append((directory.name, [p.name for p in tmp_path.iterdir()]))
-        real(directory)
+    def recording(real):
+        def validate(directory):
+            seen.append((directory.name, [p.name for p in tmp_path.iterdir()]))
+            real(directory)
 
-    monkeypatch.setattr(write, "validate_directory", recording)
+        return validate
+
+    monkeypatch.setattr(merge, "validate_checkpoint", recording(merge.validate_checkpoint))
+    monkeypatch.setattr(blend, "validate_adapter", recording(blend.validate_adapter))
     llama = FIXTURES / "llama"
     assert run("merge", llama / "base", llama / "adapter", "-o", tmp_path / "merged", "-q").exit_code == 0
     assert run("blend", llama / "adapter", llama / "adapter", "-w", "0.5", "0.5", "-o", tmp_path / "blend").exit_code == 0

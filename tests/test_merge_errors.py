@@ -14,7 +14,7 @@ from conftest import FIXTURES, ROOT, edit_json
 from safetensors.numpy import save_file
 
 from ia3tools.cli import cli
-from ia3tools.write import STAGING_MARK
+from ia3tools.publish import MARK as STAGING_MARK
 
 LLAMA = (FIXTURES / "llama" / "base", FIXTURES / "llama" / "adapter")
 
@@ -221,9 +221,9 @@ def test_missing_parents_are_created_and_removed_again_on_failure(tmp_path):
 
 
 def test_force_without_atomic_exchange_still_replaces(tmp_path, monkeypatch):
-    from ia3tools import write
+    from ia3tools import publish
 
-    monkeypatch.setattr(write, "_exchange", lambda a, b: False)  # e.g. not Linux, or an old kernel
+    monkeypatch.setattr(publish, "_exchange", lambda a, b: False)  # e.g. not Linux, or an old kernel
     out = tmp_path / "merged"
     out.mkdir()
     (out / "old.txt").write_text("old")

@@ -20,6 +20,7 @@ import numpy as np
 
 from ia3tools.errors import AdapterError, FormatError
 from ia3tools.formats.dtypes import DTYPES
+from ia3tools.formats.files import is_dir
 from ia3tools.formats.jsonstrict import load_json_file
 from ia3tools.formats.pickled import BinFile
 from ia3tools.formats.safetensors import SafetensorsFile
@@ -45,12 +46,43 @@ def _names(value, field_name: str, path: Path, *, optional: bool = False) -> lis
     raise AdapterError(f"{field_name} must be a list of module names or a regex string", path=path)
 
 
-def name_matches(names: list[str] | str, module: str) -> bool:
-    """PEFT's ``target_modules`` rule: a regex is ``re.fullmatch``-ed; a list entry matches the
-    module with that exact name or any module whose name ends in ``.<entry>``."""
-    if isinstance(names, str):
-        return re.fullmatch(names, module) is not None
-    return module in names or any(module.endswith(f".{n}") for n in names)
+ALL_LINEAR = "all-linear"  # PEFT's shorthand for every linear layer but the output head
+
+
+def is_all_linear(spec) -> bool:
+    return isinstance(spec, str) and spec.lower() == ALL_LINEAR
+
+
+class ModuleNames:
+    """A ``target_modules``, ``exclude_modules`` or ``feedforward_modules`` value, matched as PEFT
+    matches it. A string is a regex, ``re.fullmatch``-ed. A list matches by suffix: under the
+    ``dot`` rule (targets, exclusions) a module whose name is an entry or ends in ``.<entry>``;
+    under the ``plain`` rule (feed-forward) any module whose name ends in an entry, so that
+    ``output.dense`` also marks ``attention.output.dense``. Lists are matched through a set of
+    the module's suffixes, so a list of thousands of names costs no more than one."""
+
+    def __init__(self, spec: list[str] | str, rule: str):
+        self.spec = spec
+        self.rule = rule
+        self._regex = re.compile(spec) if isinstance(spec, str) else None
+        self._names = frozenset(spec) if isinstance(spec, list) else frozenset()
+
+    def __call__(self, module: str) -> bool:
+        if self._regex is not None:
+            return self._regex.fullmatch(module) is not None
+        return any(s in self._names for s in self._suffixes(module))
+
+    def _suffixes(self, module: str):
+        if self.rule == "plain":
+            return (module[i:] for i in range(len(module) + 1))
+        return [module] + [module[i + 1:] for i, c in enumerate(module) if c == "."]
+
+    def unmatched(self, modules) -> list[str]:
+        """The list entries that match none of ``modules`` (a regex: [spec] when it matches none)."""
+        if self._regex is not None:
+            return [] if any(self(m) for m in modules) else [self.spec]
+        seen = {s for m in modules for s in self._suffixes(m) if s in self._names}
+        return [n for n in self.spec if n not in seen]
 
 
 @dataclass(frozen=True)
@@ -65,31 +97,41 @@ class AdapterConfig:
     base_model_name_or_path: str | None
     raw: dict = field(repr=False)
 
+    def __post_init__(self):  # compile the matching rules once (frozen: set through object)
+        targets = None if is_all_linear(self.target_modules) else ModuleNames(self.target_modules, "dot")
+        excluded = ModuleNames(self.exclude_modules, "dot") if self.exclude_modules else None
+        saved = [re.compile(rf"(^|.*\.){re.escape(m)}($|\..*)") for m in self.modules_to_save]
+        object.__setattr__(self, "_targets", targets)
+        object.__setattr__(self, "_excluded", excluded)
+        object.__setattr__(self, "_feedforward", ModuleNames(self.feedforward_modules, "plain"))
+        object.__setattr__(self, "_saved", saved)
+
+    @property
+    def all_linear(self) -> bool:
+        return self._targets is None
+
     def is_target(self, module: str) -> bool:
-        if self.exclude_modules and name_matches(self.exclude_modules, module):
+        if self._excluded is not None and self._excluded(module):
             return False
-        if self.target_modules == "all-linear":
-            return True  # PEFT expands this to every linear layer but the output head
-        return name_matches(self.target_modules, module)
+        if self._targets is None:
+            return True  # PEFT expands all-linear to every linear layer but the output head
+        return self._targets(module)
 
     def is_feedforward(self, module: str) -> bool:
-        """PEFT's feedforward rule, which differs from the target rule: a list entry matches by
-        plain suffix (``output.dense`` also marks ``attention.output.dense``)."""
-        if isinstance(self.feedforward_modules, str):
-            return re.fullmatch(self.feedforward_modules, module) is not None
-        return any(module.endswith(n) for n in self.feedforward_modules)
+        """PEFT's feedforward rule, which differs from the target rule (see ``ModuleNames``)."""
+        return self._feedforward(module)
 
     def saved_module_of(self, module_param: str) -> str | None:
         """The ``modules_to_save`` entry owning a parameter name, as PEFT's wrapper matches it."""
-        for entry in self.modules_to_save:
-            if re.match(rf"(^|.*\.){re.escape(entry)}($|\..*)", module_param):
+        for entry, pattern in zip(self.modules_to_save, self._saved):
+            if pattern.match(module_param):
                 return entry
         return None
 
 
 def read_config(directory: Path) -> AdapterConfig:
     path = directory / CONFIG_NAME
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise AdapterError(f"no {CONFIG_NAME} (not a PEFT adapter directory)", path=directory)
     doc = load_json_file(path, what="adapter config")
     if not isinstance(doc, dict):
@@ -143,9 +185,6 @@ class Adapter:
     heads: dict[str, HeadInfo]  # parameter name -> head tensor
     _reader: SafetensorsFile | BinFile = field(repr=False)
 
-    def head_array(self, name: str) -> np.ndarray:
-        return self._reader.array(self.heads[name].key)
-
     def head_bytes(self, name: str, start: int = 0, length: int | None = None) -> bytes:
         """``length`` raw bytes (default: the rest) of head tensor ``name`` from byte ``start``."""
         return self._reader.read_bytes(self.heads[name].key, start, length)
@@ -166,10 +205,10 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
     """Read an adapter directory: its config strictly, its vectors into memory (they are small),
     its head tensors lazily."""
     directory = Path(path)
-    if not directory.is_dir():
+    if not is_dir(directory):
         raise AdapterError("adapter path must be a PEFT adapter directory", path=directory)
     config = read_config(directory)
-    weights_path = next((directory / n for n in WEIGHT_NAMES if (directory / n).exists()), None)
+    weights_path = next((directory / n for n in WEIGHT_NAMES if os.path.lexists(directory / n)), None)
     if weights_path is None:
         raise AdapterError(f"no adapter weights (looked for {', '.join(WEIGHT_NAMES)})", path=directory)
     reader = SafetensorsFile(weights_path) if weights_path.suffix == ".safetensors" else BinFile(weights_path)

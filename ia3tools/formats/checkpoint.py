@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from ia3tools.errors import FormatError
+from ia3tools.formats.files import is_dir, os_reason
 from ia3tools.formats.jsonstrict import load_json_file
 from ia3tools.formats.pickled import BinFile
-from ia3tools.formats.safetensors import SafetensorsFile
+from ia3tools.formats.safetensors import ByteRange, SafetensorsFile
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -51,7 +52,6 @@ class Checkpoint:
     sharded: bool
     files: dict[str, SafetensorsFile | BinFile]
     tensors: dict[str, TensorRef]
-    index_metadata: dict | None = None
     warnings: list[str] = field(default_factory=list)
 
     def reader(self, name: str) -> SafetensorsFile | BinFile:
@@ -59,6 +59,15 @@ class Checkpoint:
 
     def array(self, name: str) -> np.ndarray:
         return self.reader(name).array(name)
+
+    def read_bytes(self, name: str, start: int = 0, length: int | None = None) -> bytes:
+        return self.reader(name).read_bytes(name, start, length)
+
+    def byte_range(self, name: str) -> ByteRange | None:
+        """Where a tensor's bytes lie in its file, for a raw copy; None where the format has no
+        such thing (a pickled ``.bin``)."""
+        reader = self.reader(name)
+        return reader.byte_range(name) if isinstance(reader, SafetensorsFile) else None
 
     def shard_tensors(self) -> dict[str, list[TensorRef]]:
         """Tensors grouped by shard, shards in index order."""
@@ -75,11 +84,9 @@ class Checkpoint:
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Open a checkpoint directory, a ``*.safetensors``/``*.bin`` file or an ``*.index.json``."""
     path = Path(path)
-    if not path.exists():
-        raise FormatError("no such file or directory", path=path)
-    if path.is_dir():
+    if is_dir(path):
         for name in WEIGHT_NAMES:
-            if (path / name).exists():
+            if os.path.lexists(path / name):
                 return open_checkpoint_file(path / name, root=path)
         if (path / "adapter_config.json").exists():
             raise FormatError("this is an adapter directory, not a base checkpoint", path=path)
@@ -113,17 +120,24 @@ def _open_index(index_path: Path, root: Path) -> Checkpoint:
     if not isinstance(doc, dict) or not isinstance(doc.get("weight_map"), dict):
         raise FormatError("index has no weight_map object", path=index_path)
     weight_map: dict = doc["weight_map"]
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise FormatError(f"weight_map value is {type(shard).__name__}, not a shard file name", path=index_path,
+                              tensor=name)
     metadata = doc.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise FormatError("index metadata is not an object", path=index_path)
+    total = (metadata or {}).get("total_size")
+    if total is not None and (not isinstance(total, int) or isinstance(total, bool)):
+        raise FormatError("index metadata total_size is not an integer", path=index_path)
 
-    shard_names = sorted(set(weight_map.values()), key=str)
+    shard_names = sorted(set(weight_map.values()))
     files: dict[str, SafetensorsFile | BinFile] = {}
     for shard in shard_names:
         shard_path = resolve_member(directory, shard, index_path, what="shard")
         if fmt == "safetensors" and not shard.endswith(".safetensors"):
             raise FormatError(f"safetensors index names shard {shard!r}, which is not a .safetensors file", path=index_path)
-        if not shard_path.exists():
+        if not os.path.lexists(shard_path):
             raise FormatError(f"shard {shard!r} named in the index is missing", path=index_path)
         files[shard] = SafetensorsFile(shard_path) if fmt == "safetensors" else BinFile(shard_path)
 
@@ -145,8 +159,7 @@ def _open_index(index_path: Path, root: Path) -> Checkpoint:
         if _SHARD_PATTERN.fullmatch(other) and other.endswith(suffix) and other not in files:
             raise FormatError(f"shard file {other!r} is present but not named in the index", path=index_path)
 
-    ckpt = Checkpoint(root, fmt, True, files, tensors, metadata)
-    total = (metadata or {}).get("total_size")
+    ckpt = Checkpoint(root, fmt, True, files, tensors)
     actual = sum(r.nbytes for r in tensors.values())
     if total is not None and total != actual:
         ckpt.warnings.append(f"{index_path}: index total_size {total} disagrees with the shards' {actual} bytes")
@@ -170,8 +183,12 @@ def resolve_member(directory: Path, name, referrer: Path, *, what: str) -> Path:
     ):
         raise FormatError(f"{what} name {name!r} is not a plain file name", path=referrer)
     member = directory / name
-    real_dir = directory.resolve()
-    real = member.resolve()
+    try:
+        real_dir = directory.resolve(strict=True)
+        real = member.resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
+        reason = os_reason(exc) if isinstance(exc, OSError) else "symbolic link loop"
+        raise FormatError(f"{what} {name!r} cannot be resolved: {reason}", path=referrer) from None
     in_hub_blobs = real_dir.parent.name == "snapshots" and real.parent == real_dir.parent.parent / "blobs"
     if real.parent != real_dir and not in_hub_blobs:
         raise FormatError(f"{what} {name!r} resolves outside the directory", path=referrer)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ia3tools.errors import FormatError
+from ia3tools.formats.files import read_small
 
 
 class _DuplicateKey(ValueError):
@@ -41,13 +42,9 @@ def loads_strict(text: str, *, path: str | os.PathLike, what: str = "JSON") -> A
 
 
 def load_json_file(path: Path, *, what: str = "JSON", max_bytes: int = 100 * 1024 * 1024) -> Any:
-    """Read a small JSON side file (config, index) strictly."""
-    try:
-        if path.stat().st_size > max_bytes:
-            raise FormatError(f"{what} is larger than {max_bytes} bytes", path=path)
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise FormatError(f"cannot read {what}: {exc.strerror}", path=path) from None
+    """Read a small JSON side file (config, index) strictly; FIFOs, devices and directories are
+    refused without being read."""
+    raw = read_small(Path(path), what, max_bytes)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,8 @@ import numpy as np
 
 from ia3tools.errors import FormatError
 from ia3tools.formats.dtypes import DTYPES, nbytes
+from ia3tools.formats import files
+from ia3tools.formats.files import open_regular, os_reason
 from ia3tools.formats.jsonstrict import loads_strict
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -59,29 +60,30 @@ class Header:
         return 8 + self.header_len
 
 
-def _open_regular(path: Path) -> int:
-    """Open ``path`` for reading, refusing FIFOs, devices and directories (they could block or lie)."""
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        raise FormatError(f"cannot open: {exc.strerror}", path=path) from None
-    if not stat.S_ISREG(st.st_mode):
-        raise FormatError("not a regular file", path=path)
-    try:
-        return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        raise FormatError(f"cannot open: {exc.strerror}", path=path) from None
-
-
 def _pread_exact(fd: int, length: int, offset: int, path: Path, what: str) -> bytes:
     chunks, got = [], 0
     while got < length:
-        chunk = os.pread(fd, length - got, offset + got)
+        try:
+            chunk = files.pread(fd, length - got, offset + got)
+        except OSError as exc:
+            raise FormatError(f"cannot read the {what}: {os_reason(exc)}", path=path) from None
         if not chunk:
+            if what == "data":
+                raise FormatError("file shrank while being read (it ends inside the tensor data)", path=path)
             raise FormatError(f"file ends inside the {what}", path=path)
         chunks.append(chunk)
         got += len(chunk)
     return b"".join(chunks)
+
+
+@dataclass(frozen=True)
+class ByteRange:
+    """Where a tensor's bytes lie in an open file, for copying them without decoding."""
+
+    fd: int
+    offset: int
+    nbytes: int
+    path: Path  # the file, named in errors
 
 
 def parse_header_bytes(raw: bytes, file_size: int, path: Path) -> Header:
@@ -153,32 +155,42 @@ def _is_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def _read_header_fd(fd: int, path: Path) -> Header:
+    file_size = os.fstat(fd).st_size
+    if file_size < 8:
+        raise FormatError(f"file is {file_size} bytes, shorter than the 8-byte header length", path=path)
+    (header_len,) = struct.unpack("<Q", _pread_exact(fd, 8, 0, path, "header length"))
+    if header_len > MAX_HEADER_BYTES:
+        raise FormatError(f"header length {header_len} exceeds the 100 MB limit", path=path)
+    if 8 + header_len > file_size:
+        raise FormatError(f"header length {header_len} runs past the end of the file", path=path)
+    return parse_header_bytes(_pread_exact(fd, header_len, 8, path, "header"), file_size, path)
+
+
 def read_header(path: str | os.PathLike) -> Header:
     """Read and validate the header of the safetensors file at ``path``."""
     path = Path(path)
-    fd = _open_regular(path)
+    fd = open_regular(path, "safetensors file")
     try:
-        file_size = os.fstat(fd).st_size
-        if file_size < 8:
-            raise FormatError(f"file is {file_size} bytes, shorter than the 8-byte header length", path=path)
-        (header_len,) = struct.unpack("<Q", os.pread(fd, 8, 0))
-        if header_len > MAX_HEADER_BYTES:
-            raise FormatError(f"header length {header_len} exceeds the 100 MB limit", path=path)
-        if 8 + header_len > file_size:
-            raise FormatError(f"header length {header_len} runs past the end of the file", path=path)
-        raw = _pread_exact(fd, header_len, 8, path, "header")
+        return _read_header_fd(fd, path)
     finally:
         os.close(fd)
-    return parse_header_bytes(raw, file_size, path)
 
 
 class SafetensorsFile:
-    """A validated safetensors file whose tensors are read on demand."""
+    """A validated safetensors file whose tensors are read on demand. The file stays open from
+    the header read on, so every byte read comes from the file whose header was validated, even
+    if the path is replaced meanwhile."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._fd: int | None = None
-        self.header = read_header(self.path)
+        self._fd = open_regular(self.path, "safetensors file")
+        try:
+            self.header = _read_header_fd(self._fd, self.path)
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def tensors(self) -> dict[str, TensorInfo]:
@@ -190,10 +202,13 @@ class SafetensorsFile:
 
     def fileno(self) -> int:
         if self._fd is None:
-            self._fd = _open_regular(self.path)
-            if os.fstat(self._fd).st_size != self.header.file_size:
-                raise FormatError("file changed size while being read", path=self.path)
+            raise FormatError("file was closed", path=self.path)
         return self._fd
+
+    def byte_range(self, name: str) -> ByteRange:
+        """Where tensor ``name``'s bytes lie, for a raw copy."""
+        info = self.tensors[name]
+        return ByteRange(self.fileno(), self.header.data_start + info.begin, info.nbytes, self.path)
 
     def read_bytes(self, name: str, start: int = 0, length: int | None = None) -> bytes:
         """``length`` bytes of tensor ``name`` from byte ``start`` of its data (all by default)."""
