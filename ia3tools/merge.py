@@ -80,12 +80,13 @@ def merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.Pat
         inputs.callback(ad.close)
         plan = build_plan(ckpt, ad)
         plan.require_fit(adapter_path)
+        base_config = read_model_config(ckpt.path) if ckpt.path.is_dir() else None  # strict, even if unused
         notes = check_output_path(out, [base, adapter_path], options.force) if out is not None else []
         folder = make_folder(options.device)
         dtype_for = _dtype_rule(options.dtype)
         assembly = assemble(ckpt, ad, plan, folder, dtype_for)
         layout = _layout(ckpt, assembly, options.max_shard_size)
-        config = _retargeted_config(ckpt, ad, plan, assembly)  # checked before a byte is written
+        config = _retargeted_config(ckpt.path, base_config, ad, plan, assembly)  # checked before writing
         report = {
             "output": str(out) if out is not None else None,
             "base": str(base),
@@ -164,16 +165,13 @@ def _write_weights(directory: Path, layout, metadata: dict, total: int, progress
         write_index(directory / "model.safetensors.index.json", weight_map, index_meta)
 
 
-def _retargeted_config(ckpt, adapter, plan, assembly: Assembly) -> dict | None:
+def _retargeted_config(base: Path, config: dict | None, adapter, plan, assembly: Assembly) -> dict | None:
     """A bare backbone that gains a task head: config.json must name the task model, so that
     ``AutoModelFor<Task>.from_pretrained`` loads every weight, with label maps sized to the head.
     Returns that config (None when nothing changes); raises before anything is written."""
-    if not plan.names.rename_output or not ckpt.path.is_dir():
+    if not plan.names.rename_output or config is None:
         return None
-    config = read_model_config(ckpt.path)
-    if config is None:
-        return None
-    path = ckpt.path / CONFIG_NAME
+    path = base / CONFIG_NAME
     task = adapter.config.task_type
     suffix = TASK_CLASSES.get(task or "")
     if suffix is None:

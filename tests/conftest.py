@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 import struct
 import sys
@@ -9,6 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "fixtures"
 sys.path.insert(0, str(FIXTURES))
+sys.path.insert(0, str(FIXTURES / "bad"))
 
 
 def st_bytes(header, data: bytes = b"") -> bytes:
@@ -52,3 +54,31 @@ def tiny_pair(tmp_path_factory):
         return _pairs[key]
 
     return build
+
+
+def cli_run(*args):
+    """Run the command line in-process; arguments may be paths."""
+    from click.testing import CliRunner
+
+    from ia3tools.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def assert_refused(result, *names, out=None, code=1):
+    """A bad input: ``code``, exactly one ``Error:`` line on stderr naming each of ``names``, no
+    traceback, nothing at ``out`` and no staging left beside it."""
+    from ia3tools.publish import MARK
+
+    assert result.exit_code == code, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    for name in names:
+        assert str(name) in lines[0], (name, lines[0])
+    assert "Traceback" not in result.output
+    if out is not None:
+        out = Path(out)
+        assert not os.path.lexists(out), f"{out} exists"
+        if out.parent.exists():
+            assert [p for p in os.listdir(out.parent) if MARK in p] == []
+    return lines[0]

@@ -1,5 +1,6 @@
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,8 +26,28 @@ def adapters(tmp_path_factory):
     return base, a, root / "b", root / "c"
 
 
+BLENDS: list[Path] = []  # every adapter a blend in this module made, merged after each test
+
+
 def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    if args[0] == "blend" and result.exit_code == 0:
+        BLENDS.append(Path(args[list(args).index("-o") + 1]))
+    return result
+
+
+@pytest.fixture(autouse=True)
+def every_blend_merges(adapters, tmp_path):
+    """Whatever a test blends must merge into its base and verify."""
+    BLENDS.clear()
+    yield
+    for i, blend in enumerate(list(BLENDS)):
+        saved = json.loads((blend / "adapter_config.json").read_text()).get("modules_to_save") or []
+        base = FIXTURES / "bert-cls" / "base" if "classifier" in saved else adapters[0]
+        merged = tmp_path / f"merged-check-{i}"
+        result = CliRunner().invoke(cli, ["merge", str(base), str(blend), "-o", str(merged), "-q"])
+        assert result.exit_code == 0, (blend, result.output)
+        assert CliRunner().invoke(cli, ["verify", str(base), str(blend), str(merged)]).exit_code == 0
 
 
 def vectors(directory):
@@ -180,3 +201,51 @@ def test_usage_and_output_errors(adapters, tmp_path):
     assert inside.exit_code == 1 and "output is inside the input" in inside.output
     (tmp_path / "exists").mkdir()
     assert "already exists" in run("blend", a, b, "-w", "0.5", "0.5", "-o", tmp_path / "exists").output
+
+
+def rescoped(source, destination, drop=None, **config):
+    """A copy of adapter ``source`` with config changes and, optionally, one vector removed."""
+    shutil.copytree(source, destination)
+    edit_json(destination / "adapter_config.json", **config)
+    if drop:
+        weights = destination / "adapter_model.safetensors"
+        tensors = load_file(weights)
+        del tensors[f"base_model.model.{drop}.ia3_l"]
+        save_file(tensors, str(weights))
+    return destination
+
+
+def test_exclusions_and_all_linear_from_every_input_still_merge_and_load(adapters, tmp_path):
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    base, a, b, _ = adapters
+    k0 = "model.layers.0.self_attn.k_proj"
+    excluding = rescoped(a, tmp_path / "excluding", drop=k0, exclude_modules=[k0])
+    linear = rescoped(b, tmp_path / "all-linear", target_modules="all-linear")
+    assert run("blend", excluding, linear, "-w", "0.5", "0.5", "-o", tmp_path / "mix").exit_code == 0
+    config = json.loads((tmp_path / "mix" / "adapter_config.json").read_text())
+    assert config["target_modules"] == sorted(vectors(tmp_path / "mix")) and k0 in config["target_modules"]
+    assert config["exclude_modules"] is None
+    peft_model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), tmp_path / "mix")
+    loaded = {m: layer.ia3_l["default"].detach().numpy() for m, layer in ia3_layers(peft_model)}
+    for module, vector in vectors(tmp_path / "mix").items():
+        assert loaded[module].tobytes() == vector.tobytes(), module
+    # identical scopes are kept as they are, all-linear included
+    assert run("blend", linear, linear, "-w", "0.5", "0.5", "-o", tmp_path / "same").exit_code == 0
+    assert json.loads((tmp_path / "same" / "adapter_config.json").read_text())["target_modules"] == "all-linear"
+
+
+def test_negative_weights_space_separated(adapters, tmp_path):
+    _, a, b, _ = adapters
+    result = run("blend", a, b, "-w", "1.3", "-0.3", "-o", tmp_path / "extrapolated")
+    assert result.exit_code == 0, result.output
+    ours, va, vb = vectors(tmp_path / "extrapolated"), vectors(a), vectors(b)
+    for module in ours:
+        expected = np.zeros_like(va[module])
+        expected += va[module] * np.float32(1.3)
+        expected += vb[module] * np.float32(-0.3)
+        assert ours[module].tobytes() == expected.tobytes(), module
+    assert run("blend", a, b, "-w", "-0.3", "1.3", "-o", tmp_path / "other-order").exit_code == 0
+    bogus = run("blend", a, b, "--bogus", "-w", "0.5", "0.5", "-o", tmp_path / "x")
+    assert bogus.exit_code == 2 and "No such option '--bogus'" in bogus.output

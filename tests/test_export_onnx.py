@@ -1,6 +1,7 @@
 """ONNX export: each exported model runs in onnxruntime and matches the torch model."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -166,3 +167,56 @@ def test_onnxruntime_rejecting_the_export_is_one_line_and_publishes_nothing(tmp_
     assert error.startswith(f"Error: {out}: onnxruntime cannot run the export: ")
     assert error.endswith("; try --opset 18; nothing was published") and "Traceback" not in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every attempt to resolve or reach a host is recorded and refused."""
+    import socket
+
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network access attempted")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    return attempts
+
+
+def test_an_adapter_kept_beside_merged_weights_is_never_applied_again(tmp_path, no_network):
+    """transformers re-applies an adapter it finds beside the weights; the export must hold exactly
+    the weights in the directory, and its parity reference must not be double-adapted either."""
+    from transformers import LlamaForCausalLM
+
+    llama = FIXTURES / "llama"
+    merged, out = tmp_path / "merged", tmp_path / "onnx"
+    assert run("merge", llama / "base", llama / "adapter", "-o", merged, "-q").exit_code == 0
+    weights_only = tmp_path / "weights-only"
+    shutil.copytree(merged, weights_only)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(llama / "adapter" / name, merged / name)
+    result = run("export-onnx", merged, "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    assert any("adapter_config.json, adapter_model.safetensors: ignored" in w
+               for w in json.loads(result.stdout)["warnings"])
+    assert not any(name.startswith("adapter_") for name in os.listdir(out))
+    ids = torch.randint(3, 128, (2, 7))
+    feeds = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        expected = LlamaForCausalLM.from_pretrained(weights_only, dtype=torch.float32).eval()(**feeds).logits.numpy()
+        doubled = LlamaForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()(**feeds).logits.numpy()
+    got = ort_logits(out, feeds)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert np.abs(doubled - expected).max() > 1e-2  # what the export would hold if it re-applied the adapter
+    assert no_network == []
+
+
+def test_an_adapter_directory_is_refused_without_touching_the_network(tmp_path, no_network):
+    out = tmp_path / "onnx"
+    adapter = FIXTURES / "llama" / "adapter"
+    result = run("export-onnx", adapter, "-o", out, "--task", "causal-lm")
+    assert result.exit_code == 1
+    assert result.stderr == f"Error: {adapter}: this is an adapter directory, not a base checkpoint\n"
+    assert no_network == [] and not out.exists()

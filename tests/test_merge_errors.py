@@ -2,10 +2,8 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -130,7 +128,7 @@ def test_verify_names_differing_missing_and_extra(tmp_path):
     assert lines[-1] == "not identical: 3 tensor(s) differ, are missing or extra"
 
 
-# --- interrupted and starved processes -------------------------------------------------------
+# --- starved processes (interrupted ones: test_publish.py) ------------------------------------
 
 def big_pair(root, layers=6, rows=2048, cols=4096):
     """~200 MB fp32 base with a vector on every layer, so a merge takes long enough to interrupt."""
@@ -149,49 +147,6 @@ def big_pair(root, layers=6, rows=2048, cols=4096):
 def start_merge(base, adapter, out, **popen):
     return subprocess.Popen([sys.executable, "-m", "ia3tools", "merge", str(base), str(adapter), "-o", str(out), "-q"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, **popen)
-
-
-def wait_for_staging(directory, proc, timeout=30):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if leftovers(directory) and any(p.iterdir() for p in directory.iterdir() if STAGING_MARK in p.name):
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.002)
-    return False
-
-
-def merge_in_flight(tmp_path):
-    """A merge of a ~200 MB pair, returned once its staging directory holds a file."""
-    base, adapter = big_pair(tmp_path)
-    work = tmp_path / "work"
-    work.mkdir()
-    out = work / "merged"
-    proc = start_merge(base, adapter, out)
-    assert wait_for_staging(work, proc), proc.communicate()
-    return base, adapter, work, out, proc
-
-
-@pytest.mark.slow
-def test_sigkill_leaves_nothing_that_looks_complete_and_next_run_cleans(tmp_path):
-    base, adapter, work, out, proc = merge_in_flight(tmp_path)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not out.exists() and leftovers(work)
-    proc = start_merge(base, adapter, out)
-    assert proc.wait(timeout=120) == 0, proc.communicate()
-    assert out.exists() and leftovers(work) == []
-
-
-@pytest.mark.slow
-def test_sigint_removes_staging_and_exits_130(tmp_path):
-    _, _, work, out, proc = merge_in_flight(tmp_path)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
-    assert err == "Error: interrupted\n"
-    assert not out.exists() and leftovers(work) == []
 
 
 @pytest.mark.slow
