@@ -66,6 +66,7 @@ class ModuleNames:
         self.rule = rule
         self._regex = re.compile(spec) if isinstance(spec, str) else None
         self._names = frozenset(spec) if isinstance(spec, list) else frozenset()
+        self._lengths = sorted({len(n) for n in self._names})
 
     def __call__(self, module: str) -> bool:
         if self._regex is not None:
@@ -73,9 +74,13 @@ class ModuleNames:
         return any(s in self._names for s in self._suffixes(module))
 
     def _suffixes(self, module: str):
-        if self.rule == "plain":
-            return (module[i:] for i in range(len(module) + 1))
-        return [module] + [module[i + 1:] for i, c in enumerate(module) if c == "."]
+        """The suffixes of ``module`` that could be entries (one per entry length)."""
+        n = len(module)
+        for length in self._lengths:
+            if length > n:
+                break
+            if self.rule == "plain" or length == n or module[n - length - 1] == ".":
+                yield module[n - length:]
 
     def unmatched(self, modules) -> list[str]:
         """The list entries that match none of ``modules`` (a regex: [spec] when it matches none)."""
@@ -213,7 +218,7 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
         raise AdapterError(f"no adapter weights (looked for {', '.join(WEIGHT_NAMES)})", path=directory)
     reader = SafetensorsFile(weights_path) if weights_path.suffix == ".safetensors" else BinFile(weights_path)
 
-    vectors: dict[str, np.ndarray] = {}
+    vector_keys: dict[str, str] = {}  # module -> key
     vector_dtypes: dict[str, str] = {}
     heads: dict[str, HeadInfo] = {}
     for key, info in reader.tensors.items():
@@ -224,7 +229,7 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
             module = name[: -len(VECTOR_SUFFIX)]
             if not DTYPES[info.dtype].foldable:
                 raise AdapterError(f"vector dtype {info.dtype} is not a float type", path=weights_path, tensor=key)
-            vectors[module] = reader.array(key).astype(np.float32)
+            vector_keys[module] = key
             vector_dtypes[module] = info.dtype
         elif config.saved_module_of(name) is not None:
             heads[name] = HeadInfo(key, name, info.dtype, tuple(info.shape))
@@ -232,6 +237,8 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
             raise AdapterError(
                 "tensor is neither an IA3 vector nor under modules_to_save", path=weights_path, tensor=key
             )
+    arrays = reader.arrays(list(vector_keys.values()))
+    vectors = {module: arrays[key].astype(np.float32) for module, key in vector_keys.items()}
     if not vectors and not heads:
         raise FormatError("adapter holds no tensors", path=weights_path)
     return Adapter(directory, config, weights_path, vectors, vector_dtypes, heads, reader)

@@ -67,9 +67,3 @@ def to_torch(name: str):
 
     reverse = {v: k for k, v in _TORCH_NAMES.items()}
     return getattr(torch, reverse[name])
-
-
-def nbytes(name: str, numel: int) -> int | None:
-    """Bytes taken by ``numel`` elements, or None when sub-byte elements do not fill whole bytes."""
-    total_bits = DTYPES[name].bits * numel
-    return total_bits // 8 if total_bits % 8 == 0 else None

@@ -17,12 +17,14 @@ class _DuplicateKey(ValueError):
 
 
 def _no_duplicates(pairs):
-    seen = {}
-    for key, value in pairs:
-        if key in seen:
-            raise _DuplicateKey(key)
-        seen[key] = value
-    return seen
+    d = dict(pairs)
+    if len(d) != len(pairs):  # rare: find the first repeated key for the message
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return d
 
 
 def _no_constants(name):

@@ -109,6 +109,9 @@ class BinFile:
         info = self.tensors[name]
         return np.frombuffer(bytearray(self.read_bytes(name)), dtype=DTYPES[info.dtype].numpy).reshape(info.shape)
 
+    def arrays(self, names: list[str]) -> dict[str, np.ndarray]:
+        return {n: self.array(n) for n in names}
+
     def read_bytes(self, name: str, start: int = 0, length: int | None = None) -> bytes:
         """A byte range of the tensor, sliced from a byte view (no copy of the rest)."""
         import torch

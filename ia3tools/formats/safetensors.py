@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ia3tools.errors import FormatError
-from ia3tools.formats.dtypes import DTYPES, nbytes
+from ia3tools.formats.dtypes import DTYPES
 from ia3tools.formats import files
 from ia3tools.formats.files import open_regular, os_reason
 from ia3tools.formats.jsonstrict import loads_strict
@@ -126,33 +126,40 @@ def parse_header_bytes(raw: bytes, file_size: int, path: Path) -> Header:
     return Header({t.name: t for t in tensors}, metadata, header_len, file_size)
 
 
+_ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
+
+
 def _parse_entry(name: str, entry, path: Path) -> TensorInfo:
-    if not isinstance(entry, dict):
+    if type(entry) is not dict:
         raise FormatError("header entry is not an object", path=path, tensor=name)
-    if set(entry) != {"dtype", "shape", "data_offsets"}:
+    if len(entry) != 3 or entry.keys() != _ENTRY_KEYS:
         raise FormatError("header entry needs exactly dtype, shape and data_offsets", path=path, tensor=name)
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in DTYPES:
+    info = DTYPES.get(dtype) if type(dtype) is str else None
+    if info is None:
         raise FormatError(f"unknown dtype {dtype!r}", path=path, tensor=name)
-    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+    numel = 1
+    if type(shape) is not list:
         raise FormatError("shape is not a list of non-negative integers", path=path, tensor=name)
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+    for d in shape:
+        if type(d) is not int or d < 0:  # type() rather than isinstance: true and false are not sizes
+            raise FormatError("shape is not a list of non-negative integers", path=path, tensor=name)
+        numel *= d  # Python integers: no overflow to check, only the span
+    if type(offsets) is not list or len(offsets) != 2:
         raise FormatError("data_offsets is not [begin, end]", path=path, tensor=name)
     begin, end = offsets
+    if type(begin) is not int or type(end) is not int or begin < 0 or end < 0:
+        raise FormatError("data_offsets is not [begin, end]", path=path, tensor=name)
     if end < begin:
         raise FormatError("data_offsets end before they begin", path=path, tensor=name)
-    size = nbytes(dtype, math.prod(shape))  # Python integers: no overflow to check, only the span
-    if size is None:
+    bits = info.bits * numel
+    if bits % 8:
         raise FormatError(f"shape {shape} does not fill whole bytes of {dtype}", path=path, tensor=name)
-    if size != end - begin:
+    if bits // 8 != end - begin:
         raise FormatError(
-            f"shape {shape} x {dtype} is {size} bytes but data_offsets span {end - begin}", path=path, tensor=name
+            f"shape {shape} x {dtype} is {bits // 8} bytes but data_offsets span {end - begin}", path=path, tensor=name
         )
     return TensorInfo(name, dtype, tuple(shape), begin, end)
-
-
-def _is_count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _read_header_fd(fd: int, path: Path) -> Header:
@@ -225,6 +232,28 @@ class SafetensorsFile:
             raise FormatError(f"dtype {info.dtype} cannot be decoded", path=self.path, tensor=name)
         buf = bytearray(self.read_bytes(name))
         return np.frombuffer(buf, dtype=np_dtype).reshape(info.shape)
+
+    def arrays(self, names: list[str], max_read: int = 16 << 20) -> dict[str, np.ndarray]:
+        """Several tensors at once, each as ``array`` gives it, read in as few ``pread`` calls as
+        their layout allows (adjacent tensors share a read of up to ``max_read`` bytes)."""
+        infos = sorted((self.tensors[n] for n in names), key=lambda t: t.begin)
+        out: dict[str, np.ndarray] = {}
+        i = 0
+        while i < len(infos):
+            j = i + 1
+            while j < len(infos) and infos[j].begin == infos[j - 1].end and infos[j].end - infos[i].begin <= max_read:
+                j += 1
+            start = infos[i].begin
+            buf = bytearray(_pread_exact(self.fileno(), infos[j - 1].end - start, self.header.data_start + start,
+                                         self.path, "data"))
+            for info in infos[i:j]:
+                np_dtype = DTYPES[info.dtype].numpy
+                if np_dtype is None:
+                    raise FormatError(f"dtype {info.dtype} cannot be decoded", path=self.path, tensor=info.name)
+                out[info.name] = np.frombuffer(buf, np_dtype, count=info.numel,
+                                               offset=info.begin - start).reshape(info.shape)
+            i = j
+        return out
 
     def close(self) -> None:
         if self._fd is not None:
