@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Iterator
 
 from ia3tools.errors import FormatError
 from ia3tools.formats import files
-from ia3tools.formats.files import open_regular, os_reason
+from ia3tools.formats.files import os_reason
 from ia3tools.formats.safetensors import ByteRange
 
 _OUTPUT_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -209,19 +209,9 @@ def copy_side_files(source: Path, directory: Path) -> list[str]:
 
 
 def _copy_file(src: Path, dst: Path) -> None:
-    fd = open_regular(src, "side file")
-    try:
-        with open(dst, "xb") as out:
-            while True:
-                try:
-                    chunk = os.read(fd, 1 << 20)
-                except OSError as exc:
-                    raise FormatError(f"cannot read side file: {os_reason(exc)}", path=src) from None
-                if not chunk:
-                    break
-                out.write(chunk)
-    finally:
-        os.close(fd)
+    with open(dst, "xb") as out:
+        for chunk in files.read_chunks(src, "side file"):
+            out.write(chunk)
 
 
 def write_index(path: Path, weight_map: dict[str, str], metadata: dict) -> None:

@@ -83,27 +83,30 @@ def open_regular(path: Path, what: str = "file") -> int:
     return fd
 
 
-def read_small(path: Path, what: str, max_bytes: int) -> bytes:
-    """The whole content of a small regular file (a JSON config, an index)."""
+def read_chunks(path: Path, what: str, chunk: int = 1 << 20, max_bytes: int | None = None):
+    """The content of the regular file at ``path``, chunk by chunk; a read error (or more than
+    ``max_bytes``) is a ``FormatError`` naming the file."""
     fd = open_regular(path, what)
     try:
-        size = os.fstat(fd).st_size
-        if size > max_bytes:
-            raise FormatError(f"{what} is larger than {max_bytes} bytes", path=path)
-        chunks, total = [], 0
+        total = 0
         while True:
             try:
-                chunk = os.read(fd, 1 << 20)
+                data = os.read(fd, chunk)
             except OSError as exc:
                 raise FormatError(f"cannot read {what}: {os_reason(exc)}", path=path) from None
-            if not chunk:
-                return b"".join(chunks)
-            total += len(chunk)
-            if total > max_bytes:
+            if not data:
+                return
+            total += len(data)
+            if max_bytes is not None and total > max_bytes:
                 raise FormatError(f"{what} is larger than {max_bytes} bytes", path=path)
-            chunks.append(chunk)
+            yield data
     finally:
         os.close(fd)
+
+
+def read_small(path: Path, what: str, max_bytes: int) -> bytes:
+    """The whole content of a small regular file (a JSON config, an index)."""
+    return b"".join(read_chunks(path, what, max_bytes=max_bytes))
 
 
 def is_dir(path: Path) -> bool:
