@@ -1,7 +1,11 @@
-"""The ``ia3tools`` command line: options in, one library call, rendering out.
+"""The ``ia3tools`` command line: options in, one call of the Python API (``ia3tools.merge``, ...),
+rendering out.
 
-Library failures are ``Ia3Error``s: printed as ``Error: <one line>`` on stderr with exit 1.
-Usage errors keep click's exit 2.
+Streams: the result goes to stdout; warnings, progress and errors to stderr. ``--json`` prints the
+report's envelope (``report.to_json()``, see docs/schema.json) on stdout, failures included, and
+``-q`` leaves out progress and summaries, never results or errors. A failure is one line,
+``Error: <file>: <what>``, with exit 1; a misfit (check) or a difference (verify) exits 1 too;
+usage errors keep click's exit 2; SIGINT, SIGTERM and SIGHUP exit 128 + the signal.
 """
 
 from __future__ import annotations
@@ -14,45 +18,60 @@ import sys
 
 import click
 
+import ia3tools
 from ia3tools import __version__
-from ia3tools.blend import METHODS, MISSING
-from ia3tools.errors import Ia3Error, Interrupted, printable
-from ia3tools.export import TASKS
+from ia3tools.commands.blend import METHODS, MISSING
+from ia3tools.errors import Ia3Error, Interrupted
+from ia3tools.reports import failure_json
 
 
-def json_option(f):
-    return click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")(f)
+def common_options(f):
+    """``--json`` and ``-q/--quiet``, the same on every command."""
+    f = click.option("-q", "--quiet", is_flag=True, help="No progress and no summary (results and errors stay).")(f)
+    return click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")(f)
 
 
-def reports_errors(f):
-    """Turn typed library errors into one clean line and their exit code; never a traceback."""
+def runs(name: str, render):
+    """Run a command body that returns a report: print its warnings (stderr), its result and
+    summary (stdout), or its envelope with ``--json``; a failure is one line on stderr (and the
+    failure envelope on stdout with ``--json``); exit 1 when the report is not ok."""
 
-    @functools.wraps(f)
-    def wrapper(*args, **kwargs):
-        try:
-            return f(*args, **kwargs)
-        except Ia3Error as exc:
-            click.echo(f"Error: {exc}", err=True)
-            sys.exit(exc.exit_code)
-        except Interrupted as exc:
-            click.echo(f"Error: interrupted ({signal.Signals(exc.signum).name})", err=True)
-            sys.exit(128 + exc.signum)
-        except KeyboardInterrupt:
-            click.echo("Error: interrupted", err=True)
-            sys.exit(130)
+    def decorate(f):
+        @functools.wraps(f)
+        def wrapper(*args, as_json: bool, quiet: bool, **kwargs):
+            try:
+                report = f(*args, quiet=quiet, **kwargs)
+            except Ia3Error as exc:
+                _fail(name, exc, as_json, f"Error: {exc}", exc.exit_code)
+            except Interrupted as exc:
+                _fail(name, exc, as_json, f"Error: interrupted ({signal.Signals(exc.signum).name})", 128 + exc.signum)
+            except KeyboardInterrupt as exc:
+                _fail(name, exc, as_json, "Error: interrupted", 130)
+            for notice in report.warnings:
+                click.echo(notice.line(), err=True)
+            if as_json:
+                click.echo(json.dumps(report.to_json(), indent=2))
+            else:
+                result, summary = render(report)
+                for text in (result, None if quiet else summary):
+                    if text:
+                        click.echo(text)
+            sys.exit(0 if report.ok else 1)
 
-    return wrapper
+        return wrapper
+
+    return decorate
 
 
-def emit(report: dict, as_json: bool, render) -> None:
-    click.echo(json.dumps(report, indent=2) if as_json else render(report))
+def _fail(name: str, exc: BaseException, as_json: bool, line: str, code: int):
+    if as_json:
+        click.echo(json.dumps(failure_json(name, exc), indent=2))
+    click.echo(line, err=True)
+    sys.exit(code)
 
 
-def warn(report: dict, as_json: bool) -> None:
-    """A report's warnings on stderr (``--json`` carries them in the report instead)."""
-    if not as_json:
-        for warning in report["warnings"]:
-            click.echo(f"warning: {printable(warning)}", err=True)
+def _progress(quiet: bool):
+    return None if quiet else (lambda message: click.echo(message, err=True))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -61,39 +80,40 @@ def cli():
     """Inspect, check and merge PEFT IA3 adapters offline, on saved checkpoints."""
 
 
+def _render(name: str):
+    def render(report):
+        from ia3tools import render as r
+
+        return getattr(r, f"render_{name}")(report)
+
+    return render
+
+
 @cli.command("inspect")
 @click.argument("path", type=click.Path())
 @click.option("--near-zero", type=float, default=1e-3, show_default=True,
               help="Count adapter entries with |x| below this as near zero.")
-@json_option
-@reports_errors
-def inspect_cmd(path, near_zero, as_json):
+@common_options
+@runs("inspect", _render("inspect"))
+def inspect_cmd(path, near_zero, quiet):
     """Show what an adapter directory, checkpoint directory or single weights file holds.
 
     Reads headers and adapter vectors only, never base weights.
     """
-    from ia3tools.inspection import inspect_path
-    from ia3tools.render import render_inspect
-
-    emit(inspect_path(path, near_zero=near_zero), as_json, render_inspect)
+    return ia3tools.inspect(path, near_zero=near_zero)
 
 
 @cli.command("check")
 @click.argument("base", type=click.Path())
 @click.argument("adapter", type=click.Path())
-@json_option
-@reports_errors
-def check_cmd(base, adapter, as_json):
+@common_options
+@runs("check", _render("check"))
+def check_cmd(base, adapter, quiet):
     """Check that ADAPTER fits BASE: every vector mapped, shaped and oriented right.
 
     Exit 0 when it fits, 1 with one line per problem when it does not.
     """
-    from ia3tools.check import check
-    from ia3tools.render import render_check
-
-    plan, report = check(base, adapter)
-    emit(report, as_json, render_check)
-    sys.exit(0 if plan.ok else 1)
+    return ia3tools.check(base, adapter)
 
 
 def _device(ctx, param, value: str) -> str:
@@ -113,7 +133,7 @@ def _dtype(ctx, param, value: str | None) -> str | None:
 
 
 def _size(ctx, param, value: str | None) -> int | None:
-    from ia3tools.merge import parse_size
+    from ia3tools.commands.merge import parse_size
 
     if value is None:
         return None
@@ -137,45 +157,33 @@ def _size(ctx, param, value: str | None) -> int | None:
 @click.option("--force", is_flag=True, help="Replace an existing output directory (atomically).")
 @click.option("--no-fsync", is_flag=True,
               help="Skip fsync before publishing: as fast as cp, still atomic, but not power-loss safe.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
-@json_option
-@reports_errors
-def merge_cmd(base, adapter, out, device, dtype, max_shard_size, dry_run, force, no_fsync, quiet, as_json):
+@common_options
+@runs("merge", _render("merge"))
+def merge_cmd(base, adapter, out, device, dtype, max_shard_size, dry_run, force, no_fsync, quiet):
     """Fold ADAPTER's IA3 vectors into BASE and write a standard Hugging Face model directory.
 
     Bit-identical to PEFT's merge_and_unload; streams tensor by tensor with flat memory; the
     output appears atomically, only once complete and validated.
     """
-    from ia3tools.merge import MergeOptions, merge
-    from ia3tools.render import render_merge
-
     if out is None and not dry_run:
         raise click.UsageError("missing option '-o' / '--output' (required unless --dry-run)")
-    options = MergeOptions(device=device, dtype=dtype, max_shard_size=max_shard_size, dry_run=dry_run,
-                           force=force, progress=not (quiet or as_json), durable=not no_fsync)
-    report = merge(base, adapter, out, options)
-    warn(report, as_json)
-    if as_json or not quiet or dry_run:
-        emit(report, as_json, render_merge)
+    options = ia3tools.MergeOptions(device=device, dtype=dtype, max_shard_size=max_shard_size, dry_run=dry_run,
+                                    force=force, progress=not quiet, durable=not no_fsync)
+    return ia3tools.merge(base, adapter, out, options)
 
 
 @cli.command("verify")
 @click.argument("base", type=click.Path())
 @click.argument("adapter", type=click.Path())
 @click.argument("merged", type=click.Path())
-@json_option
-@reports_errors
-def verify_cmd(base, adapter, merged, as_json):
+@common_options
+@runs("verify", _render("verify"))
+def verify_cmd(base, adapter, merged, quiet):
     """Prove MERGED is exactly BASE with ADAPTER folded in, bit for bit.
 
     Exit 0 when identical; 1 naming each differing (with its max error), missing or extra tensor.
     """
-    from ia3tools.render import render_verify
-    from ia3tools.verify import verify
-
-    report = verify(base, adapter, merged)
-    emit(report, as_json, render_verify)
-    sys.exit(0 if report["identical"] else 1)
+    return ia3tools.verify(base, adapter, merged)
 
 
 @cli.command("blend", context_settings={"ignore_unknown_options": True})
@@ -189,17 +197,14 @@ def verify_cmd(base, adapter, merged, as_json):
               help="A module some adapters lack: they contribute ones (identity) or nothing (zero, PEFT's way).")
 @click.option("--heads-from", default=None, help="Adapter whose modules_to_save heads win where several have one.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory (atomically).")
-@json_option
-@reports_errors
-def blend_cmd(adapters, weights, out, method, missing, heads_from, force, as_json):
+@common_options
+@runs("blend", _render("blend"))
+def blend_cmd(adapters, weights, out, method, missing, heads_from, force, quiet):
     """Combine IA3 adapters into a new adapter that PEFT loads and `ia3tools merge` accepts.
 
     Everything is validated before any arithmetic: one weight per adapter, the same
     fan_in_fan_out, the same orientation and length for every shared module, conflicting heads.
     """
-    from ia3tools.blend import BlendOptions, blend
-    from ia3tools.render import render_blend
-
     # click options take one value; the rest of `--weights 0.7 0.3` arrives as trailing positionals
     # (negative weights too: unknown options are passed through, and only numbers are accepted).
     adapters, trailing = _split_trailing_numbers(list(adapters))
@@ -209,39 +214,38 @@ def blend_cmd(adapters, weights, out, method, missing, heads_from, force, as_jso
     values = _weights(weights[:1] + tuple(trailing) + weights[1:])
     if len(values) != len(adapters):
         raise click.UsageError(f"{len(adapters)} adapters but {len(values)} weights: give one weight per adapter")
-    options = BlendOptions(tuple(values), method, missing, heads_from, force)
-    report = blend(list(adapters), out, options)
-    warn(report, as_json)
-    emit(report, as_json, render_blend)
+    options = ia3tools.BlendOptions(tuple(values), method, missing, heads_from, force)
+    return ia3tools.blend(list(adapters), out, options)
+
+
+def _task_names() -> list[str]:
+    from ia3tools.tasks import export_task_names
+
+    return ["auto", *export_task_names()]
 
 
 @cli.command("export-onnx")
 @click.argument("model_dir", type=click.Path())
-@click.option("--adapter", type=click.Path(),
-              help="Merge this IA3 adapter into MODEL_DIR first (in a temporary directory).")
+@click.option("--adapter", type=click.Path(), help="Merge this IA3 adapter into MODEL_DIR first (in a temporary directory).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Directory to create.")
-@click.option("--task", type=click.Choice(["auto", *TASKS]), default="auto", show_default=True,
-              help="Model head to export; auto reads config.json's architectures, then the adapter's task_type.")
+@click.option("--task", type=click.Choice(_task_names()), default="auto", show_default=True,
+              help="Model head to export (optimum's task names; ia3tools' older names are aliases); auto reads "
+                   "config.json's architectures, then the adapter's task_type.")
 @click.option("--opset", type=click.IntRange(14, 23), default=18, show_default=True, help="ONNX opset.")
 @click.option("--atol", type=click.FloatRange(min=0), default=1e-4, show_default=True,
               help="Largest absolute parity error accepted.")
 @click.option("--no-parity", is_flag=True, help="Skip the onnxruntime parity check (not recommended).")
 @click.option("--force", is_flag=True, help="Replace an existing output directory (atomically).")
-@json_option
-@reports_errors
-def export_onnx_cmd(model_dir, adapter, out, task, opset, atol, no_parity, force, as_json):
+@common_options
+@runs("export-onnx", _render("export"))
+def export_onnx_cmd(model_dir, adapter, out, task, opset, atol, no_parity, force, quiet):
     """Export a merged model (or MODEL_DIR + --adapter, merged first) to ONNX.
 
     The export is checked with onnx's checker and proven equal to the torch model by an
     onnxruntime parity test on differently shaped, padded inputs before it is published.
     """
-    from ia3tools.export import ExportOptions, export_onnx
-    from ia3tools.render import render_export
-
-    options = ExportOptions(task=task, opset=opset, atol=atol, parity=not no_parity, force=force)
-    report = export_onnx(model_dir, out, options, adapter=adapter, log=lambda m: click.echo(m, err=True))
-    warn(report, as_json)
-    emit(report, as_json, render_export)
+    options = ia3tools.ExportOptions(task=task, opset=opset, atol=atol, parity=not no_parity, force=force)
+    return ia3tools.export_onnx(model_dir, out, options, adapter=adapter, log=_progress(quiet))
 
 
 def _is_number(text: str) -> bool:
@@ -280,6 +284,10 @@ def main() -> None:
     for name in ("SIGTERM", "SIGHUP"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), _raise_interrupted)
+    # Any console can print any message: what its encoding lacks is written as an escape.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     cli(prog_name="ia3tools")
 
 

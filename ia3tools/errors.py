@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import unicodedata
+from dataclasses import dataclass
 
 
 def printable(text: str) -> str:
@@ -28,16 +29,35 @@ def printable(text: str) -> str:
     return "".join(out)
 
 
+@dataclass(frozen=True)
+class Notice:
+    """A warning: a stable ``code`` for machines, a one-line ``message`` for people, and what it is
+    about (a module of the adapter, a file)."""
+
+    code: str
+    message: str
+    module: str | None = None
+    file: str | None = None
+
+    def line(self) -> str:
+        where = f"{self.module}: " if self.module else ""
+        return printable(f"warning: {where}{self.message}")
+
+
 class Ia3Error(Exception):
     """Base class: a problem with the inputs or the output path, reported as one line."""
 
     exit_code = 1
+    code = "error"  # a stable name for machines (the JSON envelope's error.code)
 
-    def __init__(self, message: str, *, path: str | os.PathLike | None = None, tensor: str | None = None):
+    def __init__(self, message: str, *, path: str | os.PathLike | None = None, tensor: str | None = None,
+                 code: str | None = None):
         self.message = message
         self.path = os.fspath(path) if path is not None else None
         self.tensor = tensor
-        super().__init__(str(self))
+        if code is not None:
+            self.code = code
+        super().__init__(message)
 
     def __str__(self) -> str:
         where = []
@@ -52,21 +72,67 @@ class Ia3Error(Exception):
 class FormatError(Ia3Error):
     """A checkpoint or adapter file is malformed (header, offsets, index, pickle, JSON)."""
 
+    code = "format"
+
 
 class AdapterError(Ia3Error):
     """An adapter directory is not a usable PEFT IA3 adapter (config or tensor names)."""
+
+    code = "adapter"
 
 
 class PlanError(Ia3Error):
     """The adapter does not fit the base: a vector has no target, a shape or orientation is wrong."""
 
+    code = "misfit"
+
 
 class FoldError(Ia3Error):
     """Folding produced an unusable result (e.g. an fp16 weight overflowing to inf)."""
 
+    code = "fold"
+
 
 class OutputError(Ia3Error):
     """The output path is unusable (exists, lies inside an input, disk full)."""
+
+    code = "output"
+
+
+class BlendError(Ia3Error):
+    """The adapters cannot be blended as asked."""
+
+    code = "blend"
+
+
+class ExportError(Ia3Error):
+    """The model could not be exported, or its export failed the parity check."""
+
+    code = "export"
+
+
+class OptionError(Ia3Error):
+    """An option of the Python API has a value it cannot take (the command line checks its own)."""
+
+    code = "usage"
+    exit_code = 2
+
+
+class MissingDependency(Ia3Error):
+    """An optional part of ia3tools is used without the extra that installs it."""
+
+    code = "missing-dependency"
+
+
+def require(module: str, extra: str, needed_for: str):
+    """Import ``module``, or fail in one line naming the extra that installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingDependency(f"{needed_for} needs {module}, which is not installed: "
+                                f"pip install 'ia3tools[{extra}]'") from None
 
 
 class Interrupted(KeyboardInterrupt):

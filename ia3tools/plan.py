@@ -12,13 +12,33 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ia3tools.errors import PlanError
+from ia3tools.errors import Notice, PlanError, printable
 from ia3tools.formats.adapter import Adapter, ModuleNames
 from ia3tools.formats.checkpoint import Checkpoint
 from ia3tools.formats.dtypes import DTYPES
 from ia3tools.naming import BaseNames, NameMap, base_modules, resolve
 
 _LAYERS = {2: "linear", 4: "conv2d", 5: "conv3d"}
+
+
+def orientation(layer: str, feedforward: bool) -> tuple[int, str]:
+    """The weight axis an IA3 vector runs along, and what it scales, as PEFT applies it:
+
+    ======================  ====================  ==============================  =========================
+    layer                   weight stored as      not feed-forward (outputs)      feed-forward (inputs)
+    ======================  ====================  ==============================  =========================
+    ``linear``              ``(out, in)``         axis 0, rows; bias too          axis 1, columns
+    ``conv1d`` (GPT-2's     ``(in, out)``         axis 1, columns; bias too       axis 0, rows
+    Conv1D, fan_in_fan_out)
+    ``conv`` (Conv2d/3d)    ``(out, in/g, k…)``   axis 0, output channels; bias   axis 1, input channels
+                                                  too                             (of each group)
+    ======================  ====================  ==============================  =========================
+    """
+    if layer == "linear":
+        return (1, "columns") if feedforward else (0, "rows")
+    if layer == "conv1d":
+        return (0, "rows") if feedforward else (1, "columns")
+    return (1, "input channels") if feedforward else (0, "output channels")
 
 
 @dataclass(frozen=True)
@@ -31,7 +51,6 @@ class VectorFold:
     """
 
     module: str  # module name in the adapter's namespace
-    vector_key: str
     weight: str  # base tensor name
     bias: str | None
     layer: str  # "linear", "conv1d" (transposed, fan_in_fan_out), "conv2d", "conv3d"
@@ -39,6 +58,11 @@ class VectorFold:
     axis: int
     groups: int
     length: int
+
+    @property
+    def scales(self) -> str:
+        """What the vector scales: rows, columns, output channels or input channels."""
+        return orientation(self.layer if self.layer in ("linear", "conv1d") else "conv", self.feedforward)[1]
 
     def scale_shape(self, weight_shape: tuple[int, ...]) -> tuple[int, ...]:
         """Shape the vector takes to broadcast against the weight (grouped convs expand first)."""
@@ -78,10 +102,7 @@ class Finding:
 
     def line(self) -> str:
         where = f"{self.module}: " if self.module else ""
-        return f"{self.severity}: {where}{self.message}"
-
-    def as_dict(self) -> dict:
-        return {"severity": self.severity, "code": self.code, "module": self.module, "message": self.message}
+        return printable(f"{self.severity}: {where}{self.message}")
 
 
 @dataclass
@@ -96,8 +117,8 @@ class FoldPlan:
         return [f for f in self.findings if f.severity == "error"]
 
     @property
-    def warnings(self) -> list[Finding]:
-        return [f for f in self.findings if f.severity == "warning"]
+    def warnings(self) -> list[Notice]:
+        return [Notice(f.code, f.message, f.module) for f in self.findings if f.severity == "warning"]
 
     @property
     def ok(self) -> bool:
@@ -137,8 +158,8 @@ def build_plan(base: Checkpoint, adapter: Adapter) -> FoldPlan:
     plan = FoldPlan(names)
     err = _reporter(plan, "error")
     warn = _reporter(plan, "warning")
-    for message in base.warnings:
-        warn("total-size", message)
+    for notice in base.warnings:
+        warn(notice.code, notice.message)
 
     _check_config(plan, base, adapter, err, warn)
     for module, vector in adapter.vectors.items():
@@ -240,8 +261,7 @@ def _plan_vector(plan, base: Checkpoint, index: BaseNames, adapter: Adapter, mod
                 err("bias-shape", f"bias {bias_name} has shape {list(base.tensors[bias_name].shape)}, expected [{length}]", module)
             if not DTYPES[base.tensors[bias_name].dtype].foldable:
                 err("dtype", f"bias {bias_name} is {base.tensors[bias_name].dtype} and cannot be folded", module)
-    key = f"base_model.model.{module}.ia3_l"
-    return VectorFold(module, key, found, bias, layer, feedforward, axis, groups, length)
+    return VectorFold(module, found, bias, layer, feedforward, axis, groups, length)
 
 
 def _linear(module, vshape, wshape, feedforward, fan_in_fan_out, err):
@@ -256,8 +276,7 @@ def _linear(module, vshape, wshape, feedforward, fan_in_fan_out, err):
             cfg = "matches" if feedforward else "does not match"
             err("orientation", f"vector shape {list(vshape)} is {said}, but feedforward_modules {cfg} it", module)
             return None
-    # Output scaling runs along the out axis: rows of (out, in), columns of transposed (in, out).
-    axis = (1 if fan_in_fan_out else 0) if not feedforward else (0 if fan_in_fan_out else 1)
+    axis = orientation("conv1d" if fan_in_fan_out else "linear", feedforward)[0]
     if wshape[axis] != length:
         if wshape[1 - axis] == length:
             err(
@@ -282,12 +301,12 @@ def _conv(module, vshape, wshape, feedforward, err):
         if wshape[0] != length:
             err("vector-length", f"vector length {length} does not match {wshape[0]} output channels", module)
             return None
-        return 0, 1, length
+        return orientation("conv", False)[0], 1, length
     per_group = wshape[1]
     if per_group == 0 or length % per_group or wshape[0] % (length // per_group):
         err("vector-length", f"vector length {length} does not fit conv weight {list(wshape)} as input channels", module)
         return None
-    return 1, length // per_group, length
+    return orientation("conv", True)[0], length // per_group, length
 
 
 def _plan_head(plan, base: Checkpoint, index: BaseNames, adapter: Adapter, name: str, err) -> None:

@@ -36,7 +36,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from ia3tools.errors import Ia3Error, OutputError
+from ia3tools.errors import Ia3Error, Notice, OutputError
 from ia3tools.formats.files import os_reason
 
 MARK = ".ia3tools-"  # every name ia3tools creates beside an output contains this
@@ -194,7 +194,7 @@ def _leftovers(out: Path) -> dict[str, set[str]]:
     return found
 
 
-def recover(out: Path) -> list[str]:
+def recover(out: Path) -> list[Notice]:
     """Clean up after runs for ``out`` that died, restoring a previous output that a killed
     ``--force`` left moved aside. Returns what was restored, in words."""
     out = Path(out)
@@ -209,7 +209,8 @@ def recover(out: Path) -> list[str]:
             if os.path.lexists(old) and not os.path.lexists(out):
                 with contextlib.suppress(FileExistsError):
                     _rename_noreplace(old, out)
-                    notes.append(f"restored {out} (an interrupted --force run had moved it aside)")
+                    notes.append(Notice("restored-output", f"restored {out} (an interrupted --force run had moved "
+                                        "it aside)", file=str(out)))
             if os.path.lexists(old) and os.path.lexists(out):
                 shutil.rmtree(old, ignore_errors=True)
             shutil.rmtree(new, ignore_errors=True)
@@ -228,7 +229,7 @@ def _resolve(path: Path, what: str, out: Path) -> Path:
         raise OutputError(f"cannot resolve {what}: {reason}", path=out) from None
 
 
-def check_output_path(out: str | os.PathLike, inputs, force: bool) -> list[str]:
+def check_output_path(out: str | os.PathLike, inputs, force: bool) -> list[Notice]:
     """Refuse an output equal to, inside, or containing an input, and an existing one unless
     forced; first clean up after dead runs for it. Returns what that recovery restored."""
     out = Path(out)
@@ -242,7 +243,7 @@ def check_output_path(out: str | os.PathLike, inputs, force: bool) -> list[str]:
     notes = recover(out)
     if os.path.lexists(out):
         if not force:
-            raise OutputError("output already exists (use --force to replace it)", path=out)
+            raise OutputError("output already exists (use --force to replace it)", path=out, code="output-exists")
         if out.is_symlink() or not out.is_dir():
             raise OutputError("output exists and is not a directory; refusing to replace it", path=out)
     for parent in out.parents:
@@ -309,7 +310,8 @@ def output_error(exc: OSError, out: Path) -> OutputError:
     """An OSError met while writing or publishing the output, as one line naming the output."""
     reason = {errno.ENOSPC: "disk full", errno.EFBIG: "file size limit reached", errno.EDQUOT: "disk quota exceeded"}
     why = reason.get(exc.errno) or os_reason(exc)
-    return OutputError(f"cannot write the output: {why}; nothing was written", path=out)
+    code = "disk-full" if exc.errno in reason else "output"
+    return OutputError(f"cannot write the output: {why}; nothing was written", path=out, code=code)
 
 
 class Staging:
@@ -322,7 +324,7 @@ class Staging:
         self.durable = durable  # fsync before the rename: the output survives a power loss
         base = f"{self.out.parent / _stem(self.out)}{secrets.token_hex(8)}"
         self.path, self._old, self._lock_path = Path(f"{base}.new"), Path(f"{base}.old"), Path(f"{base}.lock")
-        self.notes: list[str] = []  # warnings for the report (what recovery restored)
+        self.notes: list[Notice] = []  # warnings for the report (what recovery restored)
         self._lock: _Lock | None = None
         self._created: list[Path] = []
         self.published = False
@@ -334,7 +336,8 @@ class Staging:
             self.notes += recover(self.out)
             self._seen = _identity(self.out)
             if self._seen is not None and not (self.force or self.scratch):
-                raise OutputError("output already exists (use --force to replace it)", path=self.out)
+                raise OutputError("output already exists (use --force to replace it)", path=self.out,
+                                  code="output-exists")
             self._lock = _Lock.create(self._lock_path)
             self.path.mkdir()
         except BaseException as exc:
@@ -362,11 +365,11 @@ class Staging:
                     _rename_noreplace(self.path, self.out)
                 except FileExistsError:
                     raise OutputError("output appeared while this run was working (another process wrote it); "
-                                      "it was left as it is", path=self.out) from None
+                                      "it was left as it is", path=self.out, code="output-appeared") from None
             else:
                 if _identity(self.out) != self._seen:
                     raise OutputError("output was replaced by another process while this run was working; "
-                                      "it was left as it is", path=self.out)
+                                      "it was left as it is", path=self.out, code="output-replaced")
                 if not _exchange(self.path, self.out):  # after a swap, self.path holds the old output
                     os.rename(self.out, self._old)
                     try:

@@ -1,6 +1,11 @@
-"""Human-readable rendering of the library's reports (the ``--json`` forms print them as data)."""
+"""Human-readable rendering of the library's reports (``--json`` prints ``report.to_json()``).
+
+Each ``render_*`` returns ``(result, summary)``: the lines that are the command's result, and
+the summary line that ``--quiet`` leaves out."""
 
 from __future__ import annotations
+
+from ia3tools.errors import printable
 
 
 def human_bytes(n: int) -> str:
@@ -18,7 +23,7 @@ def count(n: int, word: str) -> str:
 
 def table(headers: list[str], rows: list[list], align: str | None = None) -> str:
     """Left-aligned text columns, numbers right-aligned (``align``: one 'l'/'r' per column)."""
-    cells = [[str(c) for c in headers]] + [["-" if c is None else str(c) for c in row] for row in rows]
+    cells = [[str(c) for c in headers]] + [["-" if c is None else printable(str(c)) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     align = align or "l" * len(headers)
     lines = []
@@ -36,115 +41,111 @@ def _names(value) -> str:
     return value if isinstance(value, str) else ", ".join(value) or "-"
 
 
-def render_inspect(report: dict) -> str:
-    return render_adapter(report) if report["kind"] == "adapter" else render_checkpoint(report)
+def render_inspect(r) -> tuple[str, str | None]:
+    return (render_adapter(r) if r.kind == "adapter" else render_checkpoint(r)), None
 
 
-def render_adapter(r: dict) -> str:
-    c = r["config"]
+def render_adapter(r) -> str:
+    c = r.config
     lines = [
-        f"adapter      {r['path']} ({r['weights_file']})",
-        f"task         {c['task_type'] or '-'}   base: {c['base_model_name_or_path'] or '-'}",
-        f"targets      {_names(c['target_modules'])}",
-        f"feedforward  {_names(c['feedforward_modules'])}   fan_in_fan_out: {str(c['fan_in_fan_out']).lower()}",
-        f"vectors      {r['vectors']} ({r['parameters']:,} parameters)",
-        f"heads        {', '.join(h['name'] + str(h['shape']) for h in r['heads']) or '-'}",
+        f"adapter      {r.path} ({r.weights_file})",
+        f"task         {c.task_type or '-'}   base: {c.base_model_name_or_path or '-'}",
+        f"targets      {_names(c.target_modules)}",
+        f"feedforward  {_names(c.feedforward_modules)}   fan_in_fan_out: {str(c.fan_in_fan_out).lower()}",
+        f"vectors      {r.vectors} ({r.parameters:,} parameters)",
+        f"heads        {', '.join(h.name + str(h.shape) for h in r.heads) or '-'}",
         "",
     ]
     rows = [
-        [g["group"], g["vectors"], g["length"] if isinstance(g["length"], int) else "/".join(map(str, g["length"])),
-         g["scales"], _num(g["mean"]), _num(g["std"]), _num(g["min"]), _num(g["max"]), g["near_zero"], g["nan"],
-         g["inf"]]
-        for g in r["groups"]
+        [g.group, g.vectors, g.length if isinstance(g.length, int) else "/".join(map(str, g.length)), g.scales,
+         _num(g.mean), _num(g.std), _num(g.min), _num(g.max), g.near_zero, g.nan, g.inf]
+        for g in r.groups
     ]
-    headers = ["group", "n", "length", "scales", "mean", "std", "min", "max", f"|x|<{r['near_zero_threshold']:g}",
+    headers = ["group", "n", "length", "scales", "mean", "std", "min", "max", f"|x|<{r.near_zero_threshold:g}",
                "nan", "inf"]
     lines.append(table(headers, rows, "lrrlrrrrrrr"))
-    return "\n".join(lines)
+    return printable_lines(lines)
 
 
-def render_checkpoint(r: dict) -> str:
-    shards = count(len(r["shards"]), "shard")
+def printable_lines(lines: list[str]) -> str:
+    return "\n".join(printable(line) for line in "\n".join(lines).split("\n"))
+
+
+def render_checkpoint(r) -> str:
     lines = [
-        f"checkpoint  {r['path']} ({r['format']}, {shards})",
-        f"tensors     {r['tensors']:,}   parameters: {r['parameters']:,}   size: {human_bytes(r['bytes'])}",
+        f"checkpoint  {r.path} ({r.format}, {count(len(r.shards), 'shard')})",
+        f"tensors     {r.tensors:,}   parameters: {r.parameters:,}   size: {human_bytes(r.bytes)}",
         "",
         table(["dtype", "tensors", "parameters", "bytes"],
-              [[d["dtype"], d["tensors"], f"{d['parameters']:,}", f"{d['bytes']:,}"] for d in r["dtypes"]], "lrrr"),
+              [[d.dtype, d.tensors, f"{d.parameters:,}", f"{d.bytes:,}"] for d in r.dtypes], "lrrr"),
     ]
-    if r["sharded"]:
-        lines += ["", table(["shard", "tensors", "bytes"],
-                            [[s["name"], s["tensors"], f"{s['bytes']:,}"] for s in r["shards"]], "lrr")]
-    lines += [f"warning: {w}" for w in r["warnings"]]
-    return "\n".join(lines)
+    if r.sharded:
+        lines += ["", table(["shard", "tensors", "bytes"], [[s.name, s.tensors, f"{s.bytes:,}"] for s in r.shards],
+                            "lrr")]
+    return printable_lines(lines)
 
 
-def render_check(r: dict) -> str:
-    from ia3tools.plan import Finding
-
-    lines = [Finding(**f).line() for f in r["errors"] + r["warnings"]]
-    heads = f", {len(r['heads'])} head tensor(s)" if r["heads"] else ""
-    if r["fits"]:
-        lines.append(f"ok: {len(r['folds'])} vectors fit{heads} ({r['names']})")
-    else:
-        lines.append(f"does not fit: {len(r['errors'])} problem(s)")
-    return "\n".join(lines)
+def render_check(r) -> tuple[str, str | None]:
+    result = "\n".join(f.line() for f in r.errors)
+    heads = f", {len(r.heads)} head tensor(s)" if r.heads else ""
+    summary = f"ok: {len(r.folds)} vectors fit{heads} ({r.names})" if r.ok else \
+        f"does not fit: {len(r.errors)} problem(s)"
+    return result, summary
 
 
-def render_merge(r: dict) -> str:
-    shards = count(len(r["shards"]), "shard")
-    heads = ""
-    if r["heads_added"] or r["heads_replaced"]:
-        heads = f", {r['heads_added']} head tensor(s) added, {r['heads_replaced']} replaced"
-    if r["dry_run"]:
-        plan = r["plan"]
-        where = r["output"] or "the output"
-        lines = [f"dry run: would write {where} ({shards}, {human_bytes(r['bytes'])}); nothing written",
-                 f"names: {plan['names']}", ""]
-        rows = [[f["module"], f["weight"], f["scales"] + (" + bias" if f["bias"] else ""), f["length"]]
-                for f in plan["folds"]]
+def render_merge(r) -> tuple[str, str | None]:
+    shards = count(len(r.shards), "shard")
+    if r.dry_run:
+        where = r.output or "the output"
+        lines = [f"dry run: would write {where} ({shards}, {human_bytes(r.bytes)}); nothing written",
+                 f"names: {r.plan.names}", ""]
+        rows = [[f.module, f.weight, f.scales + (" + bias" if f.bias else ""), f.length] for f in r.plan.folds]
         lines.append(table(["module", "base tensor", "scales", "length"], rows, "lllr"))
-        for h in plan["heads"]:
-            lines.append(f"head {h['name']} -> {h['output']} ({'replaces ' + h['replaces'] if h['replaces'] else 'added'})")
-        return "\n".join(lines)
-    return "\n".join([
-        f"merged {r['folded']} tensors of {r['tensors']}{heads} -> {r['output']} "
-        f"({shards}, {human_bytes(r['bytes'])}) on {r['device']}",
-        f"adapter sha256 {r['adapter_sha256']}",
+        for h in r.plan.heads:
+            lines.append(f"head {h.name} -> {h.output} ({'replaces ' + h.replaces if h.replaces else 'added'})")
+        return printable_lines(lines), None
+    heads = ""
+    if r.heads_added or r.heads_replaced:
+        heads = f", {r.heads_added} head tensor(s) added, {r.heads_replaced} replaced"
+    return "", printable_lines([
+        f"merged {r.folded} tensors of {r.tensors}{heads} -> {r.output} ({shards}, {human_bytes(r.bytes)}) "
+        f"on {r.device}",
+        f"adapter sha256 {r.adapter_sha256}",
     ])
 
 
-def render_verify(r: dict) -> str:
+def render_verify(r) -> tuple[str, str | None]:
     lines = []
-    for d in r["differences"]:
-        if d["problem"] == "differs":
-            lines.append(f"differs: {d['tensor']} (max abs error {d['max_abs_error']:.6g})")
-        elif d["problem"] == "shape or dtype":
-            lines.append(f"differs: {d['tensor']} (expected {d['expected']}, found {d['found']})")
+    for d in r.differences:
+        if d.problem == "differs":
+            error = "not finite" if d.max_abs_error is None else f"{d.max_abs_error:.6g}"
+            lines.append(f"differs: {d.tensor} (max abs error {error})")
+        elif d.problem == "shape or dtype":
+            lines.append(f"differs: {d.tensor} (expected {d.expected}, found {d.found})")
         else:
-            lines.append(f"{d['problem']}: {d['tensor']}")
-    if r["identical"]:
-        lines.append(f"identical: {r['tensors']} tensors ({r['folded']} folded) match base ⊙ adapter bit for bit")
+            lines.append(f"{d.problem}: {d.tensor}")
+    if r.ok:
+        summary = f"identical: {r.tensors} tensors ({r.folded} folded) match base ⊙ adapter bit for bit"
     else:
-        lines.append(f"not identical: {len(r['differences'])} tensor(s) differ, are missing or extra")
-    return "\n".join(lines)
+        summary = f"not identical: {len(r.differences)} tensor(s) differ, are missing or extra"
+    return printable_lines(lines), summary
 
 
-def render_blend(r: dict) -> str:
-    weights = ", ".join(f"{s['weight']:g} x {s['path']}" for s in r["sources"])
-    partial = f", {r['partial_modules']} missing from some ({r['missing']})" if r["partial_modules"] else ""
-    heads = f", heads: {', '.join(r['heads'])}" if r["heads"] else ""
-    return f"blended {r['modules']} modules{partial}{heads} -> {r['output']} ({r['method']}: {weights})"
+def render_blend(r) -> tuple[str, str | None]:
+    weights = ", ".join(f"{s.weight:g} x {s.path}" for s in r.sources)
+    partial = f", {r.partial_modules} missing from some ({r.missing})" if r.partial_modules else ""
+    heads = f", heads: {', '.join(r.heads)}" if r.heads else ""
+    return "", printable(f"blended {r.modules} modules{partial}{heads} -> {r.output} ({r.method}: {weights})")
 
 
-def render_export(r: dict) -> str:
-    size = human_bytes(sum(r["files"].values()))
-    lines = [f"exported {r['task']} -> {r['output']} ({r['exporter']} exporter, opset {r['opset']}, {size})"]
-    if r["parity"]:
-        p = r["parity"]
-        errors = next(v for k, v in p.items() if isinstance(v, dict) and "max_abs" in v)
-        lines.append(f"parity: max abs error {errors['max_abs']:.3g}, max rel error {errors['max_rel']:.3g} "
-                     f"(atol {p['atol']:g}) on inputs {p['inputs']}")
+def render_export(r) -> tuple[str, str | None]:
+    size = human_bytes(sum(r.files.values()))
+    lines = [f"exported {r.task} -> {r.output} ({r.exporter} exporter, opset {r.opset}, {size})"]
+    if r.parity:
+        p = r.parity
+        errors = next(iter(p.outputs.values()))
+        lines.append(f"parity: max abs error {errors.max_abs:.3g}, max rel error {errors.max_rel:.3g} "
+                     f"(atol {p.atol:g}) on inputs {p.inputs}")
     else:
         lines.append("parity: not checked (--no-parity)")
-    return "\n".join(lines)
+    return "", printable_lines(lines)

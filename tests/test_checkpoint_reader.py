@@ -127,7 +127,7 @@ def test_total_size_mismatch_is_a_warning(tmp_path):
     doc["metadata"]["total_size"] = 1
     index.write_text(json.dumps(doc))
     ckpt = open_checkpoint(d)
-    assert ckpt.warnings == [f"{index}: index total_size 1 disagrees with the shards' 53568 bytes"]
+    assert [w.message for w in ckpt.warnings] == [f"{index}: index total_size 1 disagrees with the shards' 53568 bytes"]
 
 
 def test_empty_directory_and_adapter_directory(tmp_path):

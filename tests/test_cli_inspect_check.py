@@ -87,7 +87,7 @@ def test_check_fits(name):
 def test_check_json_lists_folds_and_heads():
     result = run("check", FIXTURES / "bert-cls" / "base", FIXTURES / "bert-cls" / "adapter", "--json")
     report = json.loads(result.output)
-    assert report["fits"] is True and report["errors"] == [] and len(report["folds"]) == 8
+    assert report["ok"] is True and report["command"] == "check" and report["errors"] == [] and len(report["folds"]) == 8
     assert {h["output"] for h in report["heads"]} == {"classifier.weight", "classifier.bias"}
     key = next(f for f in report["folds"] if f["module"] == "bert.encoder.layer.0.attention.self.key")
     assert key["scales"] == "rows" and key["output"] == "bert.encoder.layer.0.attention.self.key.weight"
@@ -103,7 +103,7 @@ def test_check_misfit_exit_1_with_one_line_per_problem(fixture_copy):
         "does not fit: 1 problem(s)",
     ]
     report = json.loads(run("check", base, adapter, "--json").output)
-    assert report["fits"] is False and report["errors"][0]["code"] == "unmatched-target"
+    assert report["ok"] is False and report["errors"][0]["code"] == "unmatched-target"
 
 
 def test_check_wrong_base_lists_every_vector():

@@ -41,7 +41,7 @@ def test_llama_merged_dir_exports_and_runs_after_a_move(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["task"] == "causal-lm" and report["parity"]["passed"]
-    assert report["parity"]["logits"]["max_abs"] <= 1e-4
+    assert report["parity"]["outputs"]["logits"]["max_abs"] <= 1e-4
     assert set(report["files"]) >= {"model.onnx", "model.onnx.data", "tokenizer.json", "config.json"}
     assert data_locations(out) == {"model.onnx.data"}
     import onnx
@@ -102,9 +102,9 @@ def test_corrupted_export_fails_parity_and_publishes_nothing(tmp_path, monkeypat
     import onnx
     from onnx import numpy_helper
 
-    from ia3tools import export
+    from ia3tools.exporting import graph as export
 
-    original = export._tidy
+    original = export.tidy
 
     def corrupt(path):
         original(path)
@@ -114,7 +114,7 @@ def test_corrupted_export_fails_parity_and_publishes_nothing(tmp_path, monkeypat
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location="model.onnx.data")
 
-    monkeypatch.setattr(export, "_tidy", corrupt)
+    monkeypatch.setattr(export, "tidy", corrupt)
     out = tmp_path / "onnx"
     result = run("export-onnx", FIXTURES / "gpt2" / "base", "--adapter", FIXTURES / "gpt2" / "adapter", "-o", out)
     assert result.exit_code == 1
@@ -141,8 +141,9 @@ def test_scattered_external_data_is_gathered_into_one_file(tmp_path):
     """The TorchScript fallback may write one file per weight; the export keeps one data file."""
     import onnx
 
-    from ia3tools.export import _tidy, validate_export
-    from ia3tools.parity import run_onnx
+    from ia3tools.exporting.graph import tidy as _tidy
+    from ia3tools.exporting.graph import validate_export
+    from ia3tools.exporting.parity import run_onnx
 
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).eval()
     x = torch.randn(2, 64)
@@ -199,8 +200,10 @@ def test_an_adapter_kept_beside_merged_weights_is_never_applied_again(tmp_path, 
         shutil.copy(llama / "adapter" / name, merged / name)
     result = run("export-onnx", merged, "-o", out, "--json")
     assert result.exit_code == 0, result.output
-    assert any("adapter_config.json, adapter_model.safetensors: ignored" in w
-               for w in json.loads(result.stdout)["warnings"])
+    warnings = json.loads(result.stdout)["warnings"]
+    assert [w["code"] for w in warnings] == ["adapter-ignored"]
+    assert "adapter_config.json, adapter_model.safetensors: ignored" in warnings[0]["message"]
+    assert result.stderr.count("warning: ") == 1  # warnings go to stderr with --json too
     assert not any(name.startswith("adapter_") for name in os.listdir(out))
     ids = torch.randint(3, 128, (2, 7))
     feeds = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}

@@ -53,15 +53,15 @@ def test_torch_folder_merge_is_bit_identical_to_numpy_path(tmp_path, monkeypatch
     """The device path (torch) writes the same bytes as the CPU path, checked here on torch's CPU."""
     from conftest import FIXTURES
 
-    from ia3tools import merge as merge_mod
-    from ia3tools.merge import MergeOptions, merge
+    from ia3tools.commands import merge as merge_mod
+    from ia3tools import MergeOptions, merge
 
     base, adapter = FIXTURES / "llama" / "base", FIXTURES / "llama" / "adapter"
     merge(base, adapter, tmp_path / "numpy")
     monkeypatch.setattr(merge_mod, "make_folder", lambda device: TorchFolder("cpu"))
     monkeypatch.setattr(fold_mod, "BLOCK_BYTES", 256)  # many blocks: exercises read-ahead and slicing
     report = merge(base, adapter, tmp_path / "torch", MergeOptions())
-    assert report["device"] == "cpu"
+    assert report.device == "cpu"
     for f in sorted((tmp_path / "numpy").iterdir()):
         assert (tmp_path / "torch" / f.name).read_bytes() == f.read_bytes(), f.name
 
@@ -70,7 +70,7 @@ def test_torch_folder_merge_is_bit_identical_to_numpy_path(tmp_path, monkeypatch
 def test_cuda_merge_is_bit_identical_to_cpu(tmp_path):
     from conftest import FIXTURES
 
-    from ia3tools.merge import MergeOptions, merge
+    from ia3tools import MergeOptions, merge
 
     for name in ("llama", "gpt2", "bert-cls"):
         base, adapter = FIXTURES / name / "base", FIXTURES / name / "adapter"

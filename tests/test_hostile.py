@@ -105,7 +105,7 @@ def test_fuzz_adapter_reader_only_raises_typed_errors(tmp_path, weights, config)
 }))
 def test_fuzz_configs_against_a_base_only_raise_typed_errors(tmp_path, config):
     """Arbitrary (well-formed) configs planned against a real base: findings or typed errors."""
-    from ia3tools.check import check
+    from ia3tools import check
 
     adapter = tmp_path / "adapter"
     shutil.copytree(FIXTURES / "llama" / "adapter", adapter, dirs_exist_ok=True)
@@ -117,7 +117,7 @@ def test_fuzz_configs_against_a_base_only_raise_typed_errors(tmp_path, config):
 
 
 def test_every_written_directory_is_validated_before_it_is_published(tmp_path, monkeypatch):
-    from ia3tools import blend, merge
+    from ia3tools.commands import blend, merge
 
     seen = []
 

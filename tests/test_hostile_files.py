@@ -169,7 +169,7 @@ def shrink_after_planning(monkeypatch, module, path):
 
 @pytest.mark.parametrize("shard", ["model-00001-of-00002.safetensors", SHARD2])
 def test_an_input_that_shrinks_mid_merge_is_named(fixture_copy, tmp_path, monkeypatch, shard):
-    from ia3tools import merge as merge_module
+    from ia3tools.commands import merge as merge_module
 
     base, adapter = fixture_copy("llama")
     shrink_after_planning(monkeypatch, merge_module, base / shard)
@@ -179,7 +179,7 @@ def test_an_input_that_shrinks_mid_merge_is_named(fixture_copy, tmp_path, monkey
 
 
 def test_an_input_that_shrinks_mid_verify_is_named(fixture_copy, tmp_path, monkeypatch):
-    from ia3tools import verify as verify_module
+    from ia3tools.commands import verify as verify_module
 
     base, adapter = fixture_copy("llama")
     assert merge(base, adapter, tmp_path / "merged").exit_code == 0
@@ -189,7 +189,7 @@ def test_an_input_that_shrinks_mid_verify_is_named(fixture_copy, tmp_path, monke
 
 
 def test_an_input_replaced_mid_run_is_read_as_it_was_validated(fixture_copy, tmp_path, monkeypatch):
-    from ia3tools import merge as merge_module
+    from ia3tools.commands import merge as merge_module
 
     base, adapter = fixture_copy("llama")
     original = tmp_path / "original"
@@ -211,7 +211,7 @@ def test_an_input_replaced_mid_run_is_read_as_it_was_validated(fixture_copy, tmp
 def test_a_bin_truncated_after_it_was_opened_is_named_not_sigbus(tmp_path, monkeypatch):
     import torch
 
-    from ia3tools import merge as merge_module
+    from ia3tools.commands import merge as merge_module
 
     base, adapter = tmp_path / "base", FIXTURES / "llama" / "adapter"
     base.mkdir()

@@ -149,7 +149,7 @@ def test_ten_thousand_vectors_across_a_backbone_prefix_plan_in_linear_time(tmp_p
     """The bare-backbone case (adapter names carry a prefix the base lacks) with 10,000 vectors: the
     plan scans the base's tensor table a fixed number of times, not once per vector (it used to, and
     took 15-70 s; bench/check_scale.py times it)."""
-    from ia3tools.check import check
+    from ia3tools import check
     from ia3tools.formats import open_checkpoint, read_adapter
     from ia3tools.plan import build_plan
 
@@ -169,8 +169,8 @@ def test_ten_thousand_vectors_across_a_backbone_prefix_plan_in_linear_time(tmp_p
     assert CountingTensors.scans <= 5
     ckpt.close()
     ad.close()
-    _, report = check(base, adapter)
-    assert report["fits"] and len(report["folds"]) == n
+    report = check(base, adapter)
+    assert report.ok and len(report.folds) == n
 
 
 def test_a_list_of_ten_thousand_target_names_matches_in_linear_time(tmp_path):

@@ -50,7 +50,7 @@ def old_output(out: Path) -> None:
 
 @pytest.mark.parametrize("platform", ["renameat2", "no-renameat2"])
 def test_an_output_that_appears_during_the_run_is_never_replaced(tmp_path, monkeypatch, platform):
-    from ia3tools import merge
+    from ia3tools.commands import merge
 
     if platform == "no-renameat2":  # the check-then-rename fallback
         monkeypatch.setattr(publish, "_rename_call", lambda name, a, b, flags: None)
@@ -91,7 +91,7 @@ def test_two_concurrent_merges_to_one_output(tmp_path):
 
 
 def test_force_checks_the_output_is_still_the_one_it_found(tmp_path, monkeypatch):
-    from ia3tools import merge
+    from ia3tools.commands import merge
 
     out = tmp_path / "merged"
     old_output(out)
@@ -244,7 +244,7 @@ def test_an_output_in_a_directory_that_cannot_be_written(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("length", [240, 255])
 def test_long_output_names_fit_the_file_name_limit(tmp_path, monkeypatch, length):
-    from ia3tools import merge
+    from ia3tools.commands import merge
 
     out = tmp_path / ("m" * length)
     seen = []

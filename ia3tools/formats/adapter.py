@@ -31,6 +31,11 @@ KEY_PREFIX = "base_model.model."
 VECTOR_SUFFIX = ".ia3_l"
 
 
+def vector_key(module: str) -> str:
+    """The adapter file's key of the vector for ``module`` (named in the adapter's namespace)."""
+    return f"{KEY_PREFIX}{module}{VECTOR_SUFFIX}"
+
+
 def _names(value, field_name: str, path: Path, *, optional: bool = False) -> list[str] | str | None:
     """A config field that PEFT allows as a list of names or one regex string."""
     if value is None and optional:

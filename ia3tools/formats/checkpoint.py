@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ia3tools.errors import FormatError
+from ia3tools.errors import FormatError, Notice
 from ia3tools.formats.files import is_dir, os_reason
 from ia3tools.formats.jsonstrict import load_json_file
 from ia3tools.formats.pickled import BinFile
@@ -52,7 +52,7 @@ class Checkpoint:
     sharded: bool
     files: dict[str, SafetensorsFile | BinFile]
     tensors: dict[str, TensorRef]
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[Notice] = field(default_factory=list)
 
     def reader(self, name: str) -> SafetensorsFile | BinFile:
         return self.files[self.tensors[name].shard]
@@ -162,7 +162,8 @@ def _open_index(index_path: Path, root: Path) -> Checkpoint:
     ckpt = Checkpoint(root, fmt, True, files, tensors)
     actual = sum(r.nbytes for r in tensors.values())
     if total is not None and total != actual:
-        ckpt.warnings.append(f"{index_path}: index total_size {total} disagrees with the shards' {actual} bytes")
+        ckpt.warnings.append(Notice("total-size", f"{index_path}: index total_size {total} disagrees with the "
+                                    f"shards' {actual} bytes", file=str(index_path)))
     return ckpt
 
 

@@ -4,7 +4,11 @@ with the merged tensors; every other tensor must equal the base's."""
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -13,6 +17,7 @@ from ia3tools.fold import NumpyFolder
 from ia3tools.formats import open_checkpoint, read_adapter
 from ia3tools.formats.dtypes import DTYPES
 from ia3tools.plan import build_plan
+from ia3tools.reports import Report
 from ia3tools.errors import FormatError
 from ia3tools.formats.safetensors import ByteRange
 from ia3tools.write import OutTensor, read_input
@@ -20,11 +25,42 @@ from ia3tools.write import OutTensor, read_input
 _COMPARE_BLOCK = 16 * 1024 * 1024
 
 
-def verify(base: str | os.PathLike, adapter: str | os.PathLike, merged: str | os.PathLike) -> dict:
-    """Compare ``merged`` with the merge of ``adapter`` into ``base``; returns the report, with
-    ``identical`` true only when every tensor matches bit for bit and none is missing or extra."""
-    ckpt, ad, out = open_checkpoint(base), read_adapter(adapter), open_checkpoint(merged)
-    try:
+@dataclass(frozen=True)
+class Difference:
+    """A tensor that is not what the merge must give: ``differs`` (with the largest absolute
+    error; None when a side is not finite or cannot be decoded), ``shape or dtype`` (expected and
+    found as [dtype, shape]), ``missing`` or ``extra``."""
+
+    tensor: str
+    problem: str
+    max_abs_error: float | None = None
+    expected: list | None = None
+    found: list | None = None
+
+
+@dataclass
+class VerifyReport(Report):
+    """``ok`` only when every tensor matches bit for bit and none is missing or extra."""
+
+    command: ClassVar[str] = "verify"
+    base: str
+    adapter: str
+    merged: str
+    tensors: int
+    folded: int
+    differences: list[Difference]
+
+    @property
+    def ok(self) -> bool:
+        return not self.differences
+
+
+def verify(base: str | os.PathLike, adapter: str | os.PathLike, merged: str | os.PathLike) -> VerifyReport:
+    """Compare ``merged`` with the merge of ``adapter`` into ``base``, streaming."""
+    with contextlib.ExitStack() as inputs:
+        ckpt = inputs.enter_context(contextlib.closing(open_checkpoint(base)))
+        ad = inputs.enter_context(contextlib.closing(read_adapter(adapter)))
+        out = inputs.enter_context(contextlib.closing(open_checkpoint(merged)))
         plan = build_plan(ckpt, ad)
         plan.require_fit(adapter)
         merged_refs = out.tensors
@@ -40,29 +76,18 @@ def verify(base: str | os.PathLike, adapter: str | os.PathLike, merged: str | os
         for t in expected:
             got = merged_refs.get(t.name)
             if got is None:
-                differences.append({"tensor": t.name, "problem": "missing"})
+                differences.append(Difference(t.name, "missing"))
             elif (got.dtype, got.shape) != (t.dtype, t.shape):
-                differences.append({"tensor": t.name, "problem": "shape or dtype",
-                                    "expected": [t.dtype, list(t.shape)], "found": [got.dtype, list(got.shape)]})
+                differences.append(Difference(t.name, "shape or dtype", expected=[t.dtype, list(t.shape)],
+                                              found=[got.dtype, list(got.shape)]))
             else:
-                err = _compare(t, out.reader(t.name), t.name)
-                if err is not None:
-                    differences.append({"tensor": t.name, "problem": "differs", "max_abs_error": err})
+                differs, err = _compare(t, out.reader(t.name), t.name)
+                if differs:
+                    differences.append(Difference(t.name, "differs", err))
         names = {t.name for t in expected}
-        differences += [{"tensor": n, "problem": "extra"} for n in merged_refs if n not in names]
-        return {
-            "identical": not differences,
-            "base": str(base),
-            "adapter": str(adapter),
-            "merged": str(merged),
-            "tensors": len(expected),
-            "folded": len(plan.by_base_tensor()),
-            "differences": differences,
-        }
-    finally:
-        ckpt.close()
-        ad.close()
-        out.close()
+        differences += [Difference(n, "extra") for n in merged_refs if n not in names]
+        return VerifyReport(str(base), str(adapter), str(merged), len(expected), len(plan.by_base_tensor()),
+                            differences, warnings=plan.warnings)
 
 
 def _expected_blocks(t: OutTensor):
@@ -81,9 +106,9 @@ def _raw_blocks(raw: ByteRange):
         done += len(chunk)
 
 
-def _compare(t: OutTensor, reader, name: str) -> float | None:
-    """None when equal bit for bit; otherwise the largest absolute difference (inf when a side is
-    non-finite, nan for undecodable dtypes)."""
+def _compare(t: OutTensor, reader, name: str) -> tuple[bool, float | None]:
+    """(differs, the largest absolute difference: None when a side is not finite or the dtype
+    cannot be decoded)."""
     position, worst, differ = 0, 0.0, False
     for block in _expected_blocks(t):
         found = reader.read_bytes(name, position, len(block))
@@ -99,7 +124,5 @@ def _compare(t: OutTensor, reader, name: str) -> float | None:
                     diff = np.abs(a - b)
                 worst = max(worst, float(np.nanmax(diff)) if np.isfinite(diff).any() else float("inf"))
         position += len(block)
-    return worst if differ else None
+    return differ, (worst if math.isfinite(worst) else None)
 
-
-__all__ = ["verify"]

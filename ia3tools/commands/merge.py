@@ -11,41 +11,72 @@ import contextlib
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from ia3tools import __version__
 from ia3tools.assemble import Assembly, assemble
-from ia3tools.check import plan_report
-from ia3tools.errors import FormatError, OutputError
+from ia3tools.commands.check import PlanSummary, summarise
+from ia3tools.errors import OptionError
 from ia3tools.fold import make_folder
 from ia3tools.formats import open_checkpoint, read_adapter
-from ia3tools.formats.config import CONFIG_NAME, architecture, read_model_config
-from ia3tools.formats.dtypes import DTYPES
+from ia3tools.formats.config import CONFIG_NAME, read_model_config
+from ia3tools.formats.dtypes import DTYPES, FRIENDLY
+from ia3tools.model_config import retargeted_config
 from ia3tools.plan import build_plan
 from ia3tools.publish import Staging, check_output_path
+from ia3tools.reports import Report, ShardRow
 from ia3tools.write import OutTensor, copy_side_files, validate_checkpoint, write_index, write_safetensors
-
-# adapter task_type -> the transformers class suffix whose head it trains
-TASK_CLASSES = {
-    "SEQ_CLS": "ForSequenceClassification",
-    "TOKEN_CLS": "ForTokenClassification",
-    "QUESTION_ANS": "ForQuestionAnswering",
-    "CAUSAL_LM": "ForCausalLM",
-    "SEQ_2_SEQ_LM": "ForConditionalGeneration",
-}
-
 
 @dataclass(frozen=True)
 class MergeOptions:
-    device: str = "cpu"  # "cpu", "cuda[:N]" or "auto"
-    dtype: str | None = None  # safetensors dtype for floating tensors; None keeps each tensor's own
-    max_shard_size: int | None = None  # bytes; None keeps the base's shard layout
+    """How to merge. ``dtype`` takes bf16/fp16/fp32 (or their long names); ``max_shard_size``
+    bytes or a size such as "2GB"."""
+
+    device: str = "cpu"  # "cpu", "cuda", "cuda:N" or "auto"
+    dtype: str | None = None  # convert floating tensors to this dtype; None keeps each tensor's own
+    max_shard_size: int | str | None = None  # None keeps the base's shard layout
     dry_run: bool = False
     force: bool = False
-    progress: bool = False
+    progress: bool = False  # a progress bar on stderr (when it is a terminal)
     durable: bool = True  # fsync before publishing; False trades power-loss safety for cp-like speed
+
+    def __post_init__(self):
+        if self.dtype is not None and self.dtype not in DTYPES:
+            if self.dtype.lower() not in FRIENDLY:
+                raise OptionError(f"dtype {self.dtype!r}: expected bf16, fp16 or fp32")
+            object.__setattr__(self, "dtype", FRIENDLY[self.dtype.lower()])
+        if isinstance(self.max_shard_size, str):
+            try:
+                object.__setattr__(self, "max_shard_size", parse_size(self.max_shard_size))
+            except ValueError as exc:
+                raise OptionError(str(exc)) from None
+        if not (self.device in ("cpu", "cuda", "auto") or re.fullmatch(r"cuda:\d+", self.device)):
+            raise OptionError(f"device {self.device!r}: expected cpu, cuda, cuda:N or auto")
+
+
+@dataclass
+class MergeReport(Report):
+    command: ClassVar[str] = "merge"
+    output: str | None
+    base: str
+    adapter: str
+    adapter_sha256: str
+    tool: str
+    device: str
+    dtype: str  # the dtype converted to, or "kept"
+    tensors: int
+    folded: int
+    heads_replaced: int
+    heads_added: int
+    shards: list[ShardRow]
+    bytes: int
+    dry_run: bool
+    plan: PlanSummary | None = None  # the plan, for a dry run
+    seconds: float | None = None
 
 
 def parse_size(text: str) -> int:
@@ -64,64 +95,53 @@ def parse_size(text: str) -> int:
     return int(value * units[unit])
 
 
-def merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike | None,
-          options: MergeOptions = MergeOptions()) -> dict:
-    """Fold ``adapter`` into ``base`` and write the merged model to ``out``; returns the report.
-    ``out`` may be None only for a dry run."""
+def merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike | None = None,
+          options: MergeOptions | None = None) -> MergeReport:
+    """Fold ``adapter`` into ``base`` and write the merged model to ``out`` (None only for a dry
+    run). Everything is validated before a byte is written; failures raise ``Ia3Error``."""
+    options = options or MergeOptions()
     started = time.perf_counter()
     base, adapter_path = Path(base), Path(adapter)
     out = Path(out) if out is not None else None
     if out is None and not options.dry_run:
-        raise OutputError("no output directory given")
+        raise OptionError("no output directory given (required unless dry_run)")
     with contextlib.ExitStack() as inputs:
-        ckpt = open_checkpoint(base)
-        inputs.callback(ckpt.close)
-        ad = read_adapter(adapter_path)
-        inputs.callback(ad.close)
+        ckpt = inputs.enter_context(contextlib.closing(open_checkpoint(base)))
+        ad = inputs.enter_context(contextlib.closing(read_adapter(adapter_path)))
         plan = build_plan(ckpt, ad)
         plan.require_fit(adapter_path)
         base_config = read_model_config(ckpt.path) if ckpt.path.is_dir() else None  # strict, even if unused
         notes = check_output_path(out, [base, adapter_path], options.force) if out is not None else []
         folder = make_folder(options.device)
-        dtype_for = _dtype_rule(options.dtype)
-        assembly = assemble(ckpt, ad, plan, folder, dtype_for)
+        assembly = assemble(ckpt, ad, plan, folder, _dtype_rule(options.dtype))
         layout = _layout(ckpt, assembly, options.max_shard_size)
-        config = _retargeted_config(ckpt.path, base_config, ad, plan, assembly)  # checked before writing
-        report = {
-            "output": str(out) if out is not None else None,
-            "base": str(base),
-            "adapter": str(adapter_path),
-            "adapter_sha256": ad.sha256(),
-            "tool": f"ia3tools {__version__}",
-            "device": folder.device,
-            "dtype": options.dtype or "kept",
-            "tensors": len(assembly.all_tensors()),
-            "folded": len(assembly.folded),
-            "heads_replaced": len(assembly.replaced),
-            "heads_added": len(assembly.added),
-            "shards": [{"name": n, "tensors": len(ts), "bytes": sum(t.nbytes for t in ts)} for n, ts in layout.items()],
-            "bytes": sum(t.nbytes for t in assembly.all_tensors()),
-            "dry_run": options.dry_run,
-            "warnings": [w.line().removeprefix("warning: ") for w in plan.warnings] + notes,
-        }
+        added = [t.shape for t in assembly.all_tensors() if t.name in assembly.added]
+        config = retargeted_config(ckpt.path, base_config, ad, plan, added)  # checked before writing
+        total = sum(t.nbytes for t in assembly.all_tensors())
+        report = MergeReport(
+            str(out) if out is not None else None, str(base), str(adapter_path), ad.sha256(), f"ia3tools {__version__}",
+            folder.device, options.dtype or "kept", len(assembly.all_tensors()), len(assembly.folded),
+            len(assembly.replaced), len(assembly.added),
+            [ShardRow(n, len(ts), sum(t.nbytes for t in ts)) for n, ts in layout.items()], total, options.dry_run,
+            warnings=plan.warnings + notes)
         if options.dry_run:
-            report["plan"] = plan_report(plan, base=base, adapter=adapter_path, vectors=len(ad.vectors))
+            report.plan = summarise(plan)
             return report
         metadata = {
             "format": "pt",
             "ia3tools_version": __version__,
-            "ia3tools_adapter_sha256": report["adapter_sha256"],
+            "ia3tools_adapter_sha256": report.adapter_sha256,
             "ia3tools_adapter": adapter_path.resolve().name,
         }
         with Staging(out, options.force, durable=options.durable) as staging:
-            _write_weights(staging.path, layout, metadata, report["bytes"], options.progress, options.durable)
+            _write_weights(staging.path, layout, metadata, total, options.progress, options.durable)
             if ckpt.path.is_dir():
                 copy_side_files(ckpt.path, staging.path)
             if config is not None:
                 (staging.path / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             staging.publish(validate_checkpoint)
-        report["warnings"] += staging.notes
-        report["seconds"] = round(time.perf_counter() - started, 3)
+        report.warnings += staging.notes
+        report.seconds = round(time.perf_counter() - started, 3)
         return report
 
 
@@ -163,30 +183,3 @@ def _write_weights(directory: Path, layout, metadata: dict, total: int, progress
         weight_map = {t.name: name for name, tensors in layout.items() for t in tensors}
         index_meta = {"total_size": total, **metadata}
         write_index(directory / "model.safetensors.index.json", weight_map, index_meta)
-
-
-def _retargeted_config(base: Path, config: dict | None, adapter, plan, assembly: Assembly) -> dict | None:
-    """A bare backbone that gains a task head: config.json must name the task model, so that
-    ``AutoModelFor<Task>.from_pretrained`` loads every weight, with label maps sized to the head.
-    Returns that config (None when nothing changes); raises before anything is written."""
-    if not plan.names.rename_output or config is None:
-        return None
-    path = base / CONFIG_NAME
-    task = adapter.config.task_type
-    suffix = TASK_CLASSES.get(task or "")
-    if suffix is None:
-        raise OutputError(f"the adapter adds head tensors but its task_type {task!r} names no transformers task",
-                          path=adapter.config.path)
-    arch = architecture(config)
-    stem = arch[: -len("Model")] if arch.endswith("Model") else arch
-    if not stem:
-        raise FormatError("config names no architecture to derive the task model from", path=path)
-    config["architectures"] = [stem + suffix]
-    if task in ("SEQ_CLS", "TOKEN_CLS"):
-        weights = [t for t in assembly.all_tensors() if t.name in assembly.added and len(t.shape) == 2]
-        if weights:
-            labels = weights[0].shape[0]
-            if len(config.get("id2label") or {}) != labels:
-                config["id2label"] = {str(i): f"LABEL_{i}" for i in range(labels)}
-                config["label2id"] = {f"LABEL_{i}": i for i in range(labels)}
-    return config

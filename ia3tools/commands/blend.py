@@ -8,79 +8,84 @@ adapter leaves the module alone) or is skipped (``zero``, PEFT's behaviour).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
 from ia3tools import __version__
-from ia3tools.errors import Ia3Error
-from ia3tools.formats.adapter import CONFIG_NAME, Adapter, read_adapter
+from ia3tools.errors import BlendError, Notice
+from ia3tools.formats.adapter import CONFIG_NAME, WEIGHT_NAMES, Adapter, read_adapter, vector_key
 from ia3tools.publish import Staging, check_output_path
+from ia3tools.reports import Report
 from ia3tools.write import OutTensor, validate_adapter, write_safetensors
 
 METHODS = ("linear", "geometric")
 MISSING = ("identity", "zero")
 
 
-class BlendError(Ia3Error):
-    """The adapters cannot be blended as asked."""
-
-
 @dataclass(frozen=True)
 class BlendOptions:
-    weights: tuple[float, ...]
-    method: str = "linear"
-    missing: str = "identity"
+    weights: tuple[float, ...]  # one per adapter, in order
+    method: str = "linear"  # linear or geometric
+    missing: str = "identity"  # identity or zero
     heads_from: str | None = None  # adapter (as given, or its directory name) whose heads win
     force: bool = False
 
 
-def blend(adapters: list[str | os.PathLike], out: str | os.PathLike, options: BlendOptions) -> dict:
-    """Blend ``adapters`` with ``options`` into a new adapter directory ``out``; returns the report
-    (with its ``warnings``). Everything is validated before any arithmetic."""
+@dataclass(frozen=True)
+class BlendSource:
+    path: str
+    sha256: str
+    weight: float
+
+
+@dataclass
+class BlendReport(Report):
+    command: ClassVar[str] = "blend"
+    output: str
+    method: str
+    missing: str
+    sources: list[BlendSource]
+    modules: int
+    partial_modules: int  # modules some adapters lack
+    heads: list[str]
+
+
+def blend(adapters: list[str | os.PathLike], out: str | os.PathLike, options: BlendOptions) -> BlendReport:
+    """Blend ``adapters`` with ``options`` into a new adapter directory ``out``. Everything is
+    validated before any arithmetic; failures raise ``Ia3Error``."""
     paths, out = [Path(a) for a in adapters], Path(out)
     _check_options(paths, options)
-    loaded = [read_adapter(p) for p in paths]
-    try:
-        warnings: list[str] = []
+    with contextlib.ExitStack() as inputs:
+        loaded = [inputs.enter_context(contextlib.closing(read_adapter(p))) for p in paths]
+        warnings: list[Notice] = []
         _check_compatible(loaded, options, warnings)
         vectors, partial = _blend_vectors(loaded, options)
-        heads = _pick_heads(loaded, paths, options, warnings)
-        notes = check_output_path(out, paths, options.force)
+        heads = _pick_heads(loaded, paths, options)
+        warnings += check_output_path(out, paths, options.force)
         config = _blend_config(loaded, vectors)
-        sources = [{"path": str(p), "sha256": a.sha256(), "weight": w}
-                   for p, a, w in zip(paths, loaded, options.weights)]
+        sources = [BlendSource(str(p), a.sha256(), w) for p, a, w in zip(paths, loaded, options.weights)]
         metadata = {
             "format": "pt",
             "ia3tools_version": __version__,
             "ia3tools_blend_method": options.method,
             "ia3tools_blend_missing": options.missing,
-            "ia3tools_blend_sources": json.dumps(sources),
+            "ia3tools_blend_sources": json.dumps([vars(s) for s in sources]),
         }
-        tensors = [_out_tensor(f"base_model.model.{m}.ia3_l", v) for m, v in sorted(vectors.items())]
+        tensors = [_out_tensor(vector_key(m), v) for m, v in sorted(vectors.items())]
         tensors += [_out_head(a, name) for name, a in sorted(heads.items())]
         with Staging(out, options.force) as staging:
-            write_safetensors(staging.path / "adapter_model.safetensors", tensors, metadata)
+            write_safetensors(staging.path / WEIGHT_NAMES[0], tensors, metadata)
             (staging.path / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             staging.publish(validate_adapter)
-        warnings += notes + staging.notes
-        return {
-            "output": str(out),
-            "method": options.method,
-            "missing": options.missing,
-            "sources": sources,
-            "modules": len(vectors),
-            "partial_modules": partial,
-            "heads": sorted(heads),
-            "warnings": warnings,
-        }
-    finally:
-        for a in loaded:
-            a.close()
+        return BlendReport(str(out), options.method, options.missing, sources, len(vectors), partial, sorted(heads),
+                           warnings=warnings + staging.notes)
 
 
 def _check_options(paths: list[Path], options: BlendOptions) -> None:
@@ -107,7 +112,7 @@ def _spelling(name: str) -> str:
     return os.path.normpath(os.path.expanduser(name)).rstrip("/").lower()
 
 
-def _check_compatible(adapters: list[Adapter], options: BlendOptions, warnings: list[str]) -> None:
+def _check_compatible(adapters: list[Adapter], options: BlendOptions, warnings: list[Notice]) -> None:
     first = adapters[0]
     for a in adapters[1:]:
         if a.config.fan_in_fan_out != first.config.fan_in_fan_out:
@@ -119,10 +124,11 @@ def _check_compatible(adapters: list[Adapter], options: BlendOptions, warnings: 
     names = [a.config.base_model_name_or_path for a in adapters if a.config.base_model_name_or_path]
     if len(set(names)) > 1:
         if len({_spelling(n) for n in names}) == 1:
-            warnings.append(f"base_model_name_or_path differs only in spelling: {', '.join(sorted(set(names)))}")
+            warnings.append(Notice("base-name-spelling", "base_model_name_or_path differs only in spelling: "
+                                   f"{', '.join(sorted(set(names)))}"))
         else:
-            warnings.append(f"adapters name different bases ({', '.join(sorted(set(names)))}); "
-                            "their vector shapes agree, so blending anyway")
+            warnings.append(Notice("base-names-differ", f"adapters name different bases ({', '.join(sorted(set(names)))}); "
+                                   "their vector shapes agree, so blending anyway"))
     seen: dict[str, tuple[Adapter, np.ndarray]] = {}
     for a in adapters:
         for module, v in a.vectors.items():
@@ -137,7 +143,8 @@ def _check_compatible(adapters: list[Adapter], options: BlendOptions, warnings: 
                 raise BlendError(f"feed-forward here but not in {other.path} (or the reverse): orientations differ",
                                  path=a.config.path, tensor=module)
     if options.method == "linear" and not math.isclose(sum(options.weights), 1.0, abs_tol=1e-9):
-        warnings.append(f"linear weights sum to {sum(options.weights):g}, not 1: every module is rescaled")
+        warnings.append(Notice("weights-sum", f"linear weights sum to {sum(options.weights):g}, not 1: every "
+                               "module is rescaled"))
     if options.method == "geometric":
         for a in adapters:
             for module, v in a.vectors.items():
@@ -171,7 +178,7 @@ def _blend_vectors(adapters: list[Adapter], options: BlendOptions) -> tuple[dict
     return out, partial
 
 
-def _pick_heads(adapters, paths, options: BlendOptions, warnings: list[str]) -> dict[str, Adapter]:
+def _pick_heads(adapters, paths, options: BlendOptions) -> dict[str, Adapter]:
     owners: dict[str, list[int]] = {}
     for i, a in enumerate(adapters):
         for name in a.heads:

@@ -1,0 +1,179 @@
+"""``export-onnx``: a merged model (or base + adapter, merged on the way) to ONNX, proven equal to
+the torch model by an onnxruntime parity test before it is published.
+
+The model is built in float32 (onnxruntime's CPU provider cannot run bf16; upcasting is exact),
+with eager attention and no cache, and exported with the dynamo exporter (TorchScript as the
+fallback) with dynamic batch and sequence axes. ``model.onnx`` keeps its weights in one external
+data file, ``model.onnx.data``, beside it.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, ClassVar
+
+from ia3tools.errors import ExportError, Notice, OptionError
+from ia3tools.formats import open_checkpoint
+from ia3tools.formats.config import architecture, read_model_config
+from ia3tools.publish import Staging, check_output_path
+from ia3tools.reports import Report
+from ia3tools.tasks import Task, export_task_names, task_named, task_of_architecture, task_of_peft
+from ia3tools.write import ADAPTER_FILES, copy_side_files
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    task: str = "auto"  # auto, or a task name (optimum's or ia3tools' own; see tasks.py)
+    opset: int = 18
+    atol: float = 1e-4  # the largest absolute parity error accepted
+    parity: bool = True
+    force: bool = False
+
+    def __post_init__(self):
+        if self.task != "auto" and task_named(self.task) is None:
+            raise OptionError(f"unknown task {self.task!r}; one of auto, {', '.join(export_task_names())}")
+
+
+@dataclass(frozen=True)
+class ErrorStats:
+    max_abs: float | None  # None: not finite (or shapes differ, see note)
+    max_rel: float | None  # max_abs / max |torch output|
+    note: str | None = None
+
+
+@dataclass
+class Parity:
+    outputs: dict[str, ErrorStats]
+    atol: float
+    passed: bool
+    inputs: dict[str, list[int]]  # the shapes fed
+
+
+@dataclass
+class ExportReport(Report):
+    command: ClassVar[str] = "export-onnx"
+    output: str
+    task: str
+    exporter: str
+    opset: int
+    parity: Parity | None
+    files: dict[str, int] = field(default_factory=dict)  # name -> bytes
+    timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds
+
+
+def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike, options: ExportOptions | None = None,
+                adapter: str | os.PathLike | None = None, log: Callable[[str], None] | None = None) -> ExportReport:
+    """Export ``model_dir`` (merged first with ``adapter`` when given) to ``out``. Exactly the
+    weights in ``model_dir`` are exported: an adapter kept beside them is ignored (named in a
+    warning), and nothing is ever fetched over the network. ``log`` receives progress lines."""
+    options, log = options or ExportOptions(), log or (lambda _: None)
+    model_dir, out = Path(model_dir), Path(out)
+    open_checkpoint(model_dir).close()  # strict: refuses an adapter-only directory, special files, ...
+    warnings = []
+    stray = sorted(n for n in ADAPTER_FILES if os.path.lexists(model_dir / n))
+    if stray and adapter is None:
+        warnings.append(Notice("adapter-ignored", f"{model_dir} also holds {', '.join(stray)}: ignored, the "
+                               "weights are exported as they are (pass --adapter to merge an adapter first)",
+                               file=str(model_dir)))
+    inputs = [model_dir] + ([Path(adapter)] if adapter else [])
+    warnings += check_output_path(out, inputs, options.force)
+    timings: dict[str, float] = {}
+    with Staging(out, options.force) as staging, Staging(out, scratch=True) as scratch:
+        source = model_dir
+        if adapter is not None:
+            from ia3tools.commands.merge import MergeOptions, merge
+
+            started = time.perf_counter()
+            source = scratch.path / "merged"
+            merge(model_dir, adapter, source, MergeOptions(durable=False))  # temporary: no fsync needed
+            timings["merge_s"] = _since(started)
+            log(f"merged {adapter} into {model_dir} in {timings['merge_s']} s")
+        task = resolve_task(options.task, source, adapter)
+        from ia3tools.exporting.model import weights_view
+
+        view = weights_view(source, scratch.path / "view")
+        report = _export_and_check(view, staging.path / "model.onnx", task, options, timings, log, out, model_dir)
+        copy_side_files(source, staging.path)
+        from ia3tools.exporting.graph import validate_export
+
+        staging.publish(validate=validate_export)
+    report.files = {p.name: p.stat().st_size for p in sorted(out.iterdir())}
+    report.timings = timings
+    report.warnings = warnings + staging.notes
+    return report
+
+
+def resolve_task(name: str, model_dir: Path, adapter) -> Task:
+    """The task named, or for ``auto`` the one config.json's architecture is for, else the adapter's."""
+    if name != "auto":
+        task = task_named(name)
+        if task is None:
+            raise OptionError(f"unknown task {name!r}; one of {', '.join(export_task_names())}")
+        return task
+    arch = architecture(read_model_config(model_dir))
+    task = task_of_architecture(arch) if arch else None
+    if task is None and adapter is not None:
+        from ia3tools.formats.adapter import read_config
+
+        task = task_of_peft(read_config(Path(adapter)).task_type)
+    if task is None or task.name == "question-answering":
+        raise ExportError(f"cannot tell the task (architectures: {arch or 'none'}); pass --task", path=model_dir)
+    return task
+
+
+def _since(started: float) -> float:
+    return round(time.perf_counter() - started, 2)
+
+
+def _export_and_check(source: Path, onnx_path: Path, task: Task, options: ExportOptions, timings, log,
+                      out: Path, shown: Path) -> ExportReport:
+    """Export into ``onnx_path`` (in staging) and prove it; errors name ``out``, the path the user
+    gave, or ``shown``, the model directory."""
+    import torch
+
+    from ia3tools.exporting.graph import example_inputs, export_graph, tidy, wrap
+    from ia3tools.exporting.model import load_model
+    from ia3tools.exporting.parity import compare, run_onnx
+
+    started = time.perf_counter()
+    model = load_model(source, task, shown)
+    wrapper = wrap(model, task.output, task.inputs)
+    # batch >= 2 and length >= 2, or the exporter fixes the axis to the example's size
+    export_in, _ = example_inputs(model, task.inputs, 2, 8, 6, pad=False, seed=0)
+    parity_in, mask = example_inputs(model, task.inputs, 3, 5, 4, pad=True, seed=1)
+    with torch.no_grad():
+        reference = wrapper(*parity_in.values()).numpy()
+    exporter = export_graph(wrapper, export_in, onnx_path, options.opset, task.inputs, log)
+    timings["export_s"] = _since(started)
+    log(f"exported {task.name} with the {exporter} exporter (opset {options.opset}) in {timings['export_s']} s")
+    del model, wrapper
+    gc.collect()  # the torch model is freed before onnxruntime loads the export
+    tidy(onnx_path)
+    report = ExportReport(str(out), task.name, exporter, options.opset, None)
+    if options.parity:
+        started = time.perf_counter()
+        try:
+            got = run_onnx(onnx_path, {k: v.numpy() for k, v in parity_in.items()})
+        except Exception as exc:  # onnxruntime's errors (Fail, InvalidGraph, ...) share no base class
+            hint = "; try --opset 18" if options.opset != 18 else ""
+            raise ExportError(f"onnxruntime cannot run the export: {str(exc).strip().splitlines()[0]}{hint}; "
+                              "nothing was published", path=out, code="onnxruntime") from None
+        errors = ErrorStats(**compare(reference, got, mask))
+        timings["parity_s"] = _since(started)
+        passed = errors.max_abs is not None and errors.max_abs <= options.atol
+        report.parity = Parity({task.output: errors}, options.atol, passed,
+                               {k: list(v.shape) for k, v in parity_in.items()})
+        log(f"parity on {report.parity.inputs}: max abs error {_num(errors.max_abs)}, "
+            f"max rel error {_num(errors.max_rel)} (atol {options.atol:g})")
+        if not passed:
+            raise ExportError(f"parity check failed: max abs error {_num(errors.max_abs)} on {task.output} exceeds "
+                              f"--atol {options.atol:g}; nothing was published", path=out, code="parity-failed")
+    return report
+
+
+def _num(x: float | None) -> str:
+    return "inf" if x is None else f"{x:.3g}"

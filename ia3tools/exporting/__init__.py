@@ -1,0 +1,1 @@
+"""Exporting merged models to ONNX: loading them faithfully, tracing, tidying, proving parity."""
