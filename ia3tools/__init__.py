@@ -36,7 +36,12 @@ _API = {
     "MissingDependency": "ia3tools.errors",
 }
 
-__all__ = sorted(_API) + ["__version__"]
+__all__ = [  # = sorted(_API), spelt out for static tools
+    "AdapterError", "AdapterInspection", "BlendError", "BlendOptions", "BlendReport", "CheckReport",
+    "CheckpointInspection", "ExportError", "ExportOptions", "ExportReport", "FoldError", "FormatError", "Ia3Error",
+    "MergeOptions", "MergeReport", "MissingDependency", "Notice", "OptionError", "OutputError", "PlanError",
+    "Report", "VerifyReport", "__version__", "blend", "check", "export_onnx", "inspect", "merge", "verify",
+]
 
 
 def __getattr__(name: str):

@@ -10,13 +10,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 
 from ia3tools.errors import FoldError
-from ia3tools.fold import NonFinite, block_scale, row_blocks
+from ia3tools.fold import NonFinite, block_scale, row_blocks, row_bytes
 from ia3tools.formats.adapter import Adapter
 from ia3tools.formats.checkpoint import Checkpoint, TensorRef
-from ia3tools.formats.dtypes import DTYPES
+from ia3tools.formats.dtypes import DTYPES, byte_size
 from ia3tools.plan import FoldPlan
 from ia3tools.write import OutTensor
 
@@ -34,16 +33,12 @@ class Assembly:
         return [t for tensors in self.shards.values() for t in tensors]
 
 
-def _blocks(ref_shape: tuple[int, ...], dtype: str):
+def _blocks(shape: tuple[int, ...], dtype: str):
+    """(first row, rows, bytes per row, block shape) of each row block of a tensor."""
     itemsize = DTYPES[dtype].bits // 8
-    if not ref_shape:
-        yield 0, 1, itemsize, ref_shape
-        return
-    row_bytes = itemsize
-    for d in ref_shape[1:]:
-        row_bytes *= d
-    for lo, n in row_blocks(ref_shape, itemsize):
-        yield lo, n, row_bytes, (n,) + ref_shape[1:]
+    one_row = row_bytes(shape, itemsize)
+    for lo, n in row_blocks(shape, itemsize):
+        yield lo, n, one_row, (n,) + shape[1:] if shape else shape
 
 
 def _read_ahead(read: Callable[[int, int], bytes], blocks: list):
@@ -106,13 +101,13 @@ def assemble(ckpt: Checkpoint, adapter: Adapter, plan: FoldPlan, folder,
                 vector = adapter.vectors[fold.module]
                 scale = fold.scale(vector, ref.shape) if part == "weight" else vector.reshape(-1)
                 chunks = _producer(read, ref.shape, ref.dtype, out_dtype, scale, folder, ref.name)
-                out.append(OutTensor(name, out_dtype, ref.shape, _size(out_dtype, ref.numel), chunks=chunks))
+                out.append(OutTensor(name, out_dtype, ref.shape, byte_size(out_dtype, ref.shape), chunks=chunks))
                 folded.append(name)
             elif raw is not None:
                 out.append(OutTensor(name, ref.dtype, ref.shape, ref.nbytes, raw=raw))
             else:
                 chunks = _producer(read, ref.shape, ref.dtype, out_dtype, None, folder, ref.name)
-                out.append(OutTensor(name, out_dtype, ref.shape, _size(out_dtype, ref.numel), chunks=chunks))
+                out.append(OutTensor(name, out_dtype, ref.shape, byte_size(out_dtype, ref.shape), chunks=chunks))
     last = list(shards)[-1]
     head_dtype = _model_dtype(ckpt, dtype_for)
     for head in plan.heads:
@@ -123,10 +118,6 @@ def assemble(ckpt: Checkpoint, adapter: Adapter, plan: FoldPlan, folder,
     return Assembly(shards, folded, replaced, added)
 
 
-def _size(dtype: str, numel: int) -> int:
-    return DTYPES[dtype].bits * numel // 8
-
-
 def _head_tensor(adapter: Adapter, info, name: str, out_dtype: str, folder) -> OutTensor:
     """A ``modules_to_save`` tensor, cast to the dtype the model holds it in (PEFT loads the saved
     head into the model's own parameter, which casts it)."""
@@ -134,7 +125,7 @@ def _head_tensor(adapter: Adapter, info, name: str, out_dtype: str, folder) -> O
         out_dtype = info.dtype
     read = functools.partial(adapter.head_bytes, info.name)
     chunks = _producer(read, info.shape, info.dtype, out_dtype, None, folder, info.key)
-    return OutTensor(name, out_dtype, info.shape, _size(out_dtype, int(np.prod(info.shape, dtype=np.int64))),
+    return OutTensor(name, out_dtype, info.shape, byte_size(out_dtype, info.shape),
                      chunks=chunks)
 
 

@@ -22,18 +22,24 @@ def compute_dtype(dtype: str) -> str:
     return "F64" if dtype == "F64" else "F32"
 
 
+def row_bytes(shape: tuple[int, ...], itemsize: int) -> int:
+    """Bytes of one row (one index along axis 0) of a tensor; a scalar is one row."""
+    size = itemsize
+    for d in shape[1:]:
+        size *= d
+    return size
+
+
 def row_blocks(shape: tuple[int, ...], itemsize: int, block_bytes: int | None = None):
     """(first row, row count) blocks along axis 0, each at most ``block_bytes`` (default
-    ``BLOCK_BYTES``), at least one row."""
+    ``BLOCK_BYTES``), at least one row; a tensor with no bytes is one block."""
     block_bytes = block_bytes or BLOCK_BYTES
     rows = shape[0] if shape else 1
-    row_bytes = itemsize
-    for d in shape[1:]:
-        row_bytes *= d
-    if rows == 0 or row_bytes == 0:  # no bytes at all: one block, however many (empty) rows
+    one_row = row_bytes(shape, itemsize)
+    if rows == 0 or one_row == 0:  # no bytes at all: one block, however many (empty) rows
         yield 0, rows
         return
-    per_block = max(1, block_bytes // row_bytes)
+    per_block = max(1, block_bytes // one_row)
     for lo in range(0, rows, per_block):
         yield lo, min(per_block, rows - lo)
 

@@ -175,8 +175,7 @@ def resolve_member(directory: Path, name, referrer: Path, *, what: str) -> Path:
     cache, whose ``snapshots/<rev>/`` files are symlinks into the same repository's ``blobs/``.
     """
     if (
-        not isinstance(name, str)
-        or name in ("", ".", "..")
+        name in ("", ".", "..")
         or "/" in name
         or "\\" in name
         or "\x00" in name

@@ -67,3 +67,12 @@ def to_torch(name: str):
 
     reverse = {v: k for k, v in _TORCH_NAMES.items()}
     return getattr(torch, reverse[name])
+
+
+def byte_size(name: str, shape) -> int | None:
+    """Bytes taken by a tensor of ``name`` and ``shape`` (exact: Python integers), or None when
+    sub-byte elements do not fill whole bytes."""
+    bits = DTYPES[name].bits
+    for d in shape:
+        bits *= d
+    return bits // 8 if bits % 8 == 0 else None

@@ -7,7 +7,6 @@ torch is imported here only, so safetensors-only work never pays for it.
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ia3tools.errors import FormatError
-from ia3tools.formats.dtypes import DTYPES, from_torch
+from ia3tools.formats.dtypes import DTYPES, byte_size, from_torch
 from ia3tools.formats.files import open_regular
 
 
@@ -96,7 +95,7 @@ class BinFile:
             if dtype is None:
                 raise FormatError(f"unsupported dtype {t.dtype}", path=self.path, tensor=name)
             shape = tuple(t.shape)
-            self.tensors[name] = BinTensorInfo(name, dtype, shape, math.prod(shape) * DTYPES[dtype].bits // 8)
+            self.tensors[name] = BinTensorInfo(name, dtype, shape, byte_size(dtype, shape))
 
     def _check_unchanged(self) -> None:
         if self._fd is None:

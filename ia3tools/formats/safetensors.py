@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ia3tools.errors import FormatError
-from ia3tools.formats.dtypes import DTYPES
+from ia3tools.formats.dtypes import DTYPES, byte_size
 from ia3tools.formats import files
 from ia3tools.formats.files import open_regular, os_reason
 from ia3tools.formats.jsonstrict import loads_strict
@@ -135,16 +135,10 @@ def _parse_entry(name: str, entry, path: Path) -> TensorInfo:
     if len(entry) != 3 or entry.keys() != _ENTRY_KEYS:
         raise FormatError("header entry needs exactly dtype, shape and data_offsets", path=path, tensor=name)
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    info = DTYPES.get(dtype) if type(dtype) is str else None
-    if info is None:
+    if type(dtype) is not str or dtype not in DTYPES:
         raise FormatError(f"unknown dtype {dtype!r}", path=path, tensor=name)
-    numel = 1
-    if type(shape) is not list:
+    if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):  # bools are not sizes
         raise FormatError("shape is not a list of non-negative integers", path=path, tensor=name)
-    for d in shape:
-        if type(d) is not int or d < 0:  # type() rather than isinstance: true and false are not sizes
-            raise FormatError("shape is not a list of non-negative integers", path=path, tensor=name)
-        numel *= d  # Python integers: no overflow to check, only the span
     if type(offsets) is not list or len(offsets) != 2:
         raise FormatError("data_offsets is not [begin, end]", path=path, tensor=name)
     begin, end = offsets
@@ -152,12 +146,12 @@ def _parse_entry(name: str, entry, path: Path) -> TensorInfo:
         raise FormatError("data_offsets is not [begin, end]", path=path, tensor=name)
     if end < begin:
         raise FormatError("data_offsets end before they begin", path=path, tensor=name)
-    bits = info.bits * numel
-    if bits % 8:
+    size = byte_size(dtype, shape)  # Python integers: no overflow to check, only the span
+    if size is None:
         raise FormatError(f"shape {shape} does not fill whole bytes of {dtype}", path=path, tensor=name)
-    if bits // 8 != end - begin:
+    if size != end - begin:
         raise FormatError(
-            f"shape {shape} x {dtype} is {bits // 8} bytes but data_offsets span {end - begin}", path=path, tensor=name
+            f"shape {shape} x {dtype} is {size} bytes but data_offsets span {end - begin}", path=path, tensor=name
         )
     return TensorInfo(name, dtype, tuple(shape), begin, end)
 
