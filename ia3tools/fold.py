@@ -111,9 +111,9 @@ class TorchFolder:
     what PEFT uses, so on CUDA this is PEFT-on-GPU)."""
 
     def __init__(self, device: str):
-        import torch
+        from ia3tools.errors import Ia3Error, require
 
-        from ia3tools.errors import Ia3Error
+        torch = require("torch", "torch", f"--device {device}")
 
         self.torch = torch
         self.device = device
@@ -157,7 +157,7 @@ def make_folder(device: str):
     if device == "auto":
         try:
             import torch
-        except ImportError:  # pragma: no cover - torch is a dependency
+        except ImportError:  # the light install: no torch, no GPU to use
             return NumpyFolder()
         return TorchFolder("cuda") if torch.cuda.is_available() else NumpyFolder()
     return TorchFolder(device)

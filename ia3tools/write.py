@@ -119,7 +119,7 @@ def _reserve(fd: int, size: int) -> None:
 def _pwrite_all(fd: int, data, offset: int) -> None:
     view = memoryview(data).cast("B")
     while view:
-        n = os.pwrite(fd, view, offset)
+        n = files.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
 
 

@@ -42,7 +42,27 @@ def _wait_for(marker: Path, go: Path):
     return action
 
 
+HEAVY = ("torch", "transformers", "onnx", "onnxruntime", "onnxscript", "safetensors", "peft")
+
+
+class _Without:
+    """An import hook for the light install: the packages of the extras are not there, and every
+    attempt to import one is written to $IA3TOOLS_IMPORT_LOG."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in HEAVY:
+            log = os.environ.get("IA3TOOLS_IMPORT_LOG")
+            if log:
+                with open(log, "a") as f:
+                    f.write(name + "\n")
+            raise ImportError(f"No module named {name!r} (simulated light install)")
+        return None
+
+
 def install(steps: list[str]) -> None:
+    if "light-install" in steps:  # first, before anything imports them
+        sys.meta_path.insert(0, _Without())
+        steps = [s for s in steps if s != "light-install"]
     import ia3tools.publish as publish
     import ia3tools.write as write
 

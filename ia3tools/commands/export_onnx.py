@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar
 
-from ia3tools.errors import ExportError, Notice, OptionError
+from ia3tools.errors import ExportError, Notice, OptionError, require
 from ia3tools.formats import open_checkpoint
 from ia3tools.formats.config import architecture, read_model_config
 from ia3tools.publish import Staging, check_output_path
@@ -71,6 +71,8 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike, options: E
     weights in ``model_dir`` are exported: an adapter kept beside them is ignored (named in a
     warning), and nothing is ever fetched over the network. ``log`` receives progress lines."""
     options, log = options or ExportOptions(), log or (lambda _: None)
+    for module in ("torch", "transformers", "onnx", "onnxruntime", "onnxscript"):
+        require(module, "onnx", "export-onnx")
     model_dir, out = Path(model_dir), Path(out)
     open_checkpoint(model_dir).close()  # strict: refuses an adapter-only directory, special files, ...
     warnings = []

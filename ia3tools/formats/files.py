@@ -29,7 +29,15 @@ def _pread_fallback(fd: int, length: int, offset: int) -> bytes:
         return os.read(fd, length)
 
 
-pread = getattr(os, "pread", _pread_fallback)  # os.pread does not exist on Windows
+def _pwrite_fallback(fd: int, data, offset: int) -> int:
+    with _seek_lock:
+        os.lseek(fd, offset, os.SEEK_SET)
+        return os.write(fd, data)
+
+
+# os.pread and os.pwrite do not exist on Windows: there, one lock serialises seek + read/write.
+pread = getattr(os, "pread", _pread_fallback)
+pwrite = getattr(os, "pwrite", _pwrite_fallback)
 
 
 def os_reason(exc: OSError) -> str:
@@ -39,6 +47,10 @@ def os_reason(exc: OSError) -> str:
              errno.ENOTDIR: "a parent is not a directory", errno.ENAMETOOLONG: "file name too long",
              errno.EISDIR: "is a directory"}
     return words.get(exc.errno, (exc.strerror or str(exc)).lower())
+
+
+def _code(exc: OSError) -> str:
+    return "not-found" if exc.errno == errno.ENOENT else "format"
 
 
 def _kind(mode: int) -> str:
@@ -54,7 +66,7 @@ def stat_input(path: Path, what: str = "file") -> os.stat_result:
     try:
         return os.stat(path)
     except OSError as exc:
-        raise FormatError(f"cannot open {what}: {os_reason(exc)}", path=path) from None
+        raise FormatError(f"cannot open {what}: {os_reason(exc)}", path=path, code=_code(exc)) from None
     except ValueError:  # an embedded NUL in the name
         raise FormatError(f"cannot open {what}: invalid file name", path=path) from None
 
@@ -115,6 +127,6 @@ def is_dir(path: Path) -> bool:
     try:
         return stat.S_ISDIR(os.stat(path).st_mode)
     except OSError as exc:
-        raise FormatError(os_reason(exc), path=path) from None
+        raise FormatError(os_reason(exc), path=path, code=_code(exc)) from None
     except ValueError:
         raise FormatError("invalid file name", path=path) from None

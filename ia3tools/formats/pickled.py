@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ia3tools.errors import FormatError
+from ia3tools.errors import FormatError, require
 from ia3tools.formats.dtypes import DTYPES, byte_size, from_torch
 from ia3tools.formats.files import open_regular
 
@@ -64,7 +64,7 @@ class BinFile:
             raise
 
     def _load(self) -> None:
-        import torch
+        torch = require("torch", "torch", "reading .bin checkpoints")
 
         if not _torch_version_ok(torch.__version__):
             raise FormatError(
