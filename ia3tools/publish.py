@@ -23,9 +23,7 @@ during the renames are acted on once they are done.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
-import functools
 import hashlib
 import os
 import secrets
@@ -36,6 +34,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+from ia3tools.atomic import Lock, exchange, rename_noreplace
 from ia3tools.errors import Ia3Error, Notice, OutputError
 from ia3tools.formats.files import os_reason
 
@@ -50,130 +49,6 @@ def _stem(out: Path) -> str:
         short = short[:-1]
     digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:8]
     return f".{short}{MARK}{digest}-"
-
-
-# --- renames --------------------------------------------------------------------------------
-
-@functools.lru_cache(maxsize=1)
-def _libc():
-    if sys.platform == "win32":
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
-
-
-def _rename_call(name: str, a: Path, b: Path, flags: int) -> bool | None:
-    """Call renameat2/renamex_np; True on success, None where the call or flag is unsupported."""
-    func = getattr(_libc(), name, None)
-    if func is None:
-        return None
-    if name == "renameat2":
-        rc = func(-100, os.fsencode(a), -100, os.fsencode(b), flags)  # -100: AT_FDCWD
-    else:
-        rc = func(os.fsencode(a), os.fsencode(b), flags)
-    if rc == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
-        return None
-    raise OSError(err, os.strerror(err), str(b))
-
-
-def _rename_noreplace(src: Path, dst: Path) -> None:
-    """Rename ``src`` to ``dst``; ``FileExistsError`` when ``dst`` exists, which is never replaced."""
-    if sys.platform == "win32":
-        os.rename(src, dst)  # never replaces on Windows
-        return
-    call = ("renameat2", 1) if sys.platform.startswith("linux") else ("renamex_np", 4)  # NOREPLACE / EXCL
-    try:
-        if _rename_call(call[0], src, dst, call[1]):
-            return
-    except OSError as exc:
-        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
-            raise FileExistsError(errno.EEXIST, "exists", str(dst)) from None
-        raise
-    # No atomic no-replace here (old kernel, some filesystems): check, then rename. A plain rename
-    # replaces only an *empty* directory, so the window can lose nothing but an empty directory.
-    if os.path.lexists(dst):
-        raise FileExistsError(errno.EEXIST, "exists", str(dst))
-    os.rename(src, dst)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths atomically; False where the platform or filesystem cannot."""
-    if sys.platform.startswith("linux"):
-        return bool(_rename_call("renameat2", a, b, 2))  # RENAME_EXCHANGE
-    if sys.platform == "darwin":
-        return bool(_rename_call("renamex_np", a, b, 2))  # RENAME_SWAP
-    return False
-
-
-# --- locks ----------------------------------------------------------------------------------
-
-class _Lock:
-    """An exclusive lock held through an open descriptor of a lock file."""
-
-    def __init__(self, path: Path, fd: int):
-        self.path, self.fd = path, fd
-
-    @staticmethod
-    def _try_lock(fd: int) -> bool:
-        try:
-            if sys.platform == "win32":
-                import msvcrt
-
-                msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-            else:
-                import fcntl
-
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return False
-        return True
-
-    @classmethod
-    def create(cls, path: Path) -> "_Lock":
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
-        if not cls._try_lock(fd):
-            os.close(fd)
-            raise OSError(errno.EAGAIN, "cannot lock a new lock file", str(path))
-        return cls(path, fd)
-
-    @classmethod
-    def take_over(cls, path: Path) -> "_Lock | None":
-        """The lock of a leftover whose owner is gone; None while its owner still holds it."""
-        try:
-            fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
-        except FileNotFoundError:
-            try:
-                return cls.create(path)  # the owner died before creating it, or after removing it
-            except OSError:
-                return None
-        except OSError:
-            return None
-        if not cls._try_lock(fd):
-            os.close(fd)
-            return None
-        try:
-            same = os.path.samestat(os.fstat(fd), os.stat(path))
-        except OSError:
-            same = False
-        if not same:  # another run finished with this leftover and removed its lock meanwhile
-            os.close(fd)
-            return None
-        return cls(path, fd)
-
-    def release(self) -> None:
-        """Remove the lock file, then let go of the lock (on Windows, the other way round)."""
-        if sys.platform != "win32":
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
-        os.close(self.fd)
-        if sys.platform == "win32":
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
 
 
 # --- recovery -------------------------------------------------------------------------------
@@ -201,14 +76,14 @@ def recover(out: Path) -> list[Notice]:
     notes = []
     for token in _leftovers(out):
         base = out.parent / f"{_stem(out)}{token}"
-        lock = _Lock.take_over(Path(f"{base}.lock"))
+        lock = Lock.take_over(Path(f"{base}.lock"))
         if lock is None:
             continue  # its run is alive
         try:
             old, new = Path(f"{base}.old"), Path(f"{base}.new")
             if os.path.lexists(old) and not os.path.lexists(out):
                 with contextlib.suppress(FileExistsError):
-                    _rename_noreplace(old, out)
+                    rename_noreplace(old, out)
                     notes.append(Notice("restored-output", f"restored {out} (an interrupted --force run had moved "
                                         "it aside)", file=str(out)))
             if os.path.lexists(old) and os.path.lexists(out):
@@ -325,7 +200,7 @@ class Staging:
         base = f"{self.out.parent / _stem(self.out)}{secrets.token_hex(8)}"
         self.path, self._old, self._lock_path = Path(f"{base}.new"), Path(f"{base}.old"), Path(f"{base}.lock")
         self.notes: list[Notice] = []  # warnings for the report (what recovery restored)
-        self._lock: _Lock | None = None
+        self._lock: Lock | None = None
         self._created: list[Path] = []
         self.published = False
 
@@ -338,7 +213,7 @@ class Staging:
             if self._seen is not None and not (self.force or self.scratch):
                 raise OutputError("output already exists (use --force to replace it)", path=self.out,
                                   code="output-exists")
-            self._lock = _Lock.create(self._lock_path)
+            self._lock = Lock.create(self._lock_path)
             self.path.mkdir()
         except BaseException as exc:
             self._cleanup(failed=True)
@@ -362,7 +237,7 @@ class Staging:
         with _signals_deferred():
             if self._seen is None:
                 try:
-                    _rename_noreplace(self.path, self.out)
+                    rename_noreplace(self.path, self.out)
                 except FileExistsError:
                     raise OutputError("output appeared while this run was working (another process wrote it); "
                                       "it was left as it is", path=self.out, code="output-appeared") from None
@@ -370,13 +245,13 @@ class Staging:
                 if _identity(self.out) != self._seen:
                     raise OutputError("output was replaced by another process while this run was working; "
                                       "it was left as it is", path=self.out, code="output-replaced")
-                if not _exchange(self.path, self.out):  # after a swap, self.path holds the old output
+                if not exchange(self.path, self.out):  # after a swap, self.path holds the old output
                     os.rename(self.out, self._old)
                     try:
-                        _rename_noreplace(self.path, self.out)
+                        rename_noreplace(self.path, self.out)
                     except BaseException:
                         with contextlib.suppress(OSError):
-                            _rename_noreplace(self._old, self.out)
+                            rename_noreplace(self._old, self.out)
                         raise
             self.published = True
             if self.durable:
@@ -387,7 +262,7 @@ class Staging:
         if os.path.lexists(self._old):
             if not os.path.lexists(self.out):  # never drop the only copy of the previous output
                 with contextlib.suppress(OSError):
-                    _rename_noreplace(self._old, self.out)
+                    rename_noreplace(self._old, self.out)
             if os.path.lexists(self.out):
                 shutil.rmtree(self._old, ignore_errors=True)
         if self._lock is not None:

@@ -63,20 +63,21 @@ def install(steps: list[str]) -> None:
     if "light-install" in steps:  # first, before anything imports them
         sys.meta_path.insert(0, _Without())
         steps = [s for s in steps if s != "light-install"]
+    import ia3tools.atomic as atomic
     import ia3tools.publish as publish
     import ia3tools.write as write
 
     for step in steps:
         if step == "no-exchange":  # a kernel or filesystem without renameat2(RENAME_EXCHANGE)
-            publish._exchange = lambda a, b: False
+            publish.exchange = lambda a, b: False
         elif step == "no-renameat2":  # nor renameat2 at all
-            publish._rename_call = lambda name, a, b, flags: None
+            atomic.rename_call = lambda name, a, b, flags: None
         elif step == "kill-after-move-aside":  # --force fallback: OUT moved to .old, new not yet in place
             _after(os, "rename", _send(signal.SIGKILL), when=lambda a, b: str(b).endswith(".old"))
         elif step == "kill-after-swap-in":  # --force fallback: new in place, old not yet removed
-            _after(publish, "_rename_noreplace", _send(signal.SIGKILL), when=lambda a, b: str(a).endswith(".new"))
+            _after(publish, "rename_noreplace", _send(signal.SIGKILL), when=lambda a, b: str(a).endswith(".new"))
         elif step == "kill-after-exchange":  # --force: swapped, old (now in staging) not yet removed
-            _after(publish, "_exchange", _send(signal.SIGKILL))
+            _after(publish, "exchange", _send(signal.SIGKILL))
         elif step.endswith("-while-writing"):  # the first block written to a shard
             sig = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "hup": signal.SIGHUP, "int": signal.SIGINT}
             _after(write, "_pwrite_all", _send(sig[step.split("-")[0]]), when=lambda fd, data, offset: offset > 0)

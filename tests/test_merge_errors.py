@@ -178,7 +178,7 @@ def test_missing_parents_are_created_and_removed_again_on_failure(tmp_path):
 def test_force_without_atomic_exchange_still_replaces(tmp_path, monkeypatch):
     from ia3tools import publish
 
-    monkeypatch.setattr(publish, "_exchange", lambda a, b: False)  # e.g. not Linux, or an old kernel
+    monkeypatch.setattr(publish, "exchange", lambda a, b: False)  # e.g. not Linux, or an old kernel
     out = tmp_path / "merged"
     out.mkdir()
     (out / "old.txt").write_text("old")

@@ -8,7 +8,7 @@ import sys
 import pytest
 from conftest import FIXTURES, ROOT, cli_run
 
-from ia3tools import publish
+from ia3tools import atomic, publish
 from ia3tools.formats import files
 
 LLAMA = (FIXTURES / "llama" / "base", FIXTURES / "llama" / "adapter")
@@ -40,14 +40,14 @@ def test_each_fallback_writes_the_same_bytes(reference, tmp_path, monkeypatch, m
         monkeypatch.setattr(files, "pread", files._pread_fallback)
         monkeypatch.setattr(files, "pwrite", files._pwrite_fallback)
     elif missing == "renameat2":  # an old kernel or a filesystem without RENAME_NOREPLACE/EXCHANGE
-        monkeypatch.setattr(publish, "_rename_call", lambda name, a, b, flags: None)
+        monkeypatch.setattr(atomic, "rename_call", lambda name, a, b, flags: None)
     elif missing == "rename-exchange":  # --force replaces the output through the two-rename fallback
-        monkeypatch.setattr(publish, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(publish, "exchange", lambda a, b: False)
         (tmp_path / "llama").mkdir()
         (tmp_path / "gpt2").mkdir()
         for name, pair in (("llama", LLAMA), ("gpt2", GPT2)):
             assert cli_run("merge", *pair, "-o", tmp_path / name, "-q", "--force").exit_code == 0
-        monkeypatch.setattr(publish, "_exchange", publish._exchange)
+        monkeypatch.undo()
         for name in ("llama", "gpt2"):
             for f in sorted((reference / name).iterdir()):
                 assert (tmp_path / name / f.name).read_bytes() == f.read_bytes()

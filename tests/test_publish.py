@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import FIXTURES, ROOT
 
-from ia3tools import publish
+from ia3tools import atomic, publish
 from ia3tools.cli import cli
 from ia3tools.publish import MARK
 
@@ -53,7 +53,7 @@ def test_an_output_that_appears_during_the_run_is_never_replaced(tmp_path, monke
     from ia3tools.commands import merge
 
     if platform == "no-renameat2":  # the check-then-rename fallback
-        monkeypatch.setattr(publish, "_rename_call", lambda name, a, b, flags: None)
+        monkeypatch.setattr(atomic, "rename_call", lambda name, a, b, flags: None)
     out = tmp_path / "merged"
     real = merge.validate_checkpoint
 
@@ -228,18 +228,18 @@ def test_signals_during_the_renames_are_acted_on_after_them():
 # --- the output path ------------------------------------------------------------------------------
 
 def test_an_output_in_a_directory_that_cannot_be_written(tmp_path, monkeypatch):
-    real = publish._Lock.create
+    real = publish.Lock.create
 
     def refused(path):  # what a read-only directory answers (root would not be refused here)
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(publish._Lock, "create", refused)
+    monkeypatch.setattr(publish.Lock, "create", refused)
     out = tmp_path / "ro" / "merged"
     result = run("merge", *LLAMA, "-o", out, "-q")
     assert result.exit_code == 1
     assert result.stderr == f"Error: {out}: cannot write the output: permission denied; nothing was written\n"
     assert not (tmp_path / "ro").exists()
-    monkeypatch.setattr(publish._Lock, "create", real)
+    monkeypatch.setattr(publish.Lock, "create", real)
 
 
 @pytest.mark.parametrize("length", [240, 255])
