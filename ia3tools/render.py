@@ -143,9 +143,10 @@ def render_export(r) -> tuple[str, str | None]:
     lines = [f"exported {r.task} -> {r.output} ({r.exporter} exporter, opset {r.opset}, {size})"]
     if r.parity:
         p = r.parity
-        errors = next(iter(p.outputs.values()))
-        lines.append(f"parity: max abs error {errors.max_abs:.3g}, max rel error {errors.max_rel:.3g} "
-                     f"(atol {p.atol:g}) on inputs {p.inputs}")
+        shapes = ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in p.inputs.items())
+        for name, errors in p.outputs.items():
+            lines.append(f"parity: {name} max abs error {errors.max_abs:.3g}, max rel error {errors.max_rel:.3g} "
+                         f"(atol {p.atol:g}) on {shapes}")
     else:
         lines.append("parity: not checked (--no-parity)")
     return "", printable_lines(lines)

@@ -208,6 +208,28 @@ def copy_side_files(source: Path, directory: Path) -> list[str]:
     return copied
 
 
+def copy_module_dirs(source: Path, directory: Path, names: list[str]) -> list[str]:
+    """Copy subdirectories of ``source`` (sentence-transformers module directories such as
+    ``1_Pooling``) into ``directory``, with the same rules as ``copy_side_files``: regular files
+    only, nothing that resolves outside ``source``, hidden entries skipped."""
+    from ia3tools.formats.checkpoint import resolve_member
+
+    copied = []
+    for name in names:
+        src_root = source / name
+        for root, dirs, names_here in os.walk(src_root):
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not os.path.islink(os.path.join(root, d)))
+            rel = Path(root).relative_to(source)
+            (directory / rel).mkdir(parents=True, exist_ok=True)
+            for entry in sorted(names_here):
+                if entry.startswith("."):
+                    continue
+                resolve_member(Path(root), entry, Path(root), what="module file")
+                _copy_file(Path(root) / entry, directory / rel / entry)
+                copied.append(str(rel / entry))
+    return copied
+
+
 def _copy_file(src: Path, dst: Path) -> None:
     with open(dst, "xb") as out:
         for chunk in files.read_chunks(src, "side file"):

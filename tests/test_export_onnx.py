@@ -40,7 +40,7 @@ def test_llama_merged_dir_exports_and_runs_after_a_move(tmp_path):
     result = run("export-onnx", merged, "-o", out, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["task"] == "causal-lm" and report["parity"]["passed"]
+    assert report["task"] == "text-generation" and report["parity"]["passed"]
     assert report["parity"]["outputs"]["logits"]["max_abs"] <= 1e-4
     assert set(report["files"]) >= {"model.onnx", "model.onnx.data", "tokenizer.json", "config.json"}
     assert data_locations(out) == {"model.onnx.data"}
@@ -70,7 +70,7 @@ def test_base_plus_adapter_exports_with_parity(tiny_pair, tmp_path, arch):
     out = tmp_path / "onnx"
     result = run("export-onnx", base, "--adapter", adapter, "-o", out)
     assert result.exit_code == 0, result.output
-    expected_task = {"gpt2": "causal-lm", "bert-cls": "sequence-classification", "t5": "seq2seq-lm"}[arch]
+    expected_task = {"gpt2": "text-generation", "bert-cls": "text-classification", "t5": "text2text-generation"}[arch]
     assert f"exported {expected_task} -> {out}" in result.output
     assert not [p for p in tmp_path.iterdir() if STAGING_MARK in p.name]
     # independent check against the adapted PEFT model itself, on other inputs
@@ -79,6 +79,8 @@ def test_base_plus_adapter_exports_with_parity(tiny_pair, tmp_path, arch):
     feeds = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if arch == "t5":
         feeds["decoder_input_ids"] = torch.randint(0, 128, (2, 3))
+    if arch == "bert-cls":  # no tokenizer here: BERT's segment embeddings make token_type_ids an input
+        feeds["token_type_ids"] = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
     with torch.no_grad():
         expected = peft_model(**feeds).logits.numpy()
     np.testing.assert_allclose(ort_logits(out, feeds), expected, atol=1e-4, rtol=1e-4)
@@ -104,17 +106,17 @@ def test_corrupted_export_fails_parity_and_publishes_nothing(tmp_path, monkeypat
 
     from ia3tools.exporting import graph as export
 
-    original = export.tidy
+    original = export.write_model
 
-    def corrupt(path):
-        original(path)
+    def corrupt(ir_model, path):
+        original(ir_model, path)
         model = onnx.load(str(path))
         init = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)))
         init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.5, init.name))
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location="model.onnx.data")
 
-    monkeypatch.setattr(export, "tidy", corrupt)
+    monkeypatch.setattr(export, "write_model", corrupt)
     out = tmp_path / "onnx"
     result = run("export-onnx", FIXTURES / "gpt2" / "base", "--adapter", FIXTURES / "gpt2" / "adapter", "-o", out)
     assert result.exit_code == 1
@@ -155,7 +157,7 @@ def test_scattered_external_data_is_gathered_into_one_file(tmp_path):
     validate_export(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
     with torch.no_grad():
-        np.testing.assert_allclose(run_onnx(path, {"x": x.numpy()}), model(x).numpy(), atol=1e-6)
+        np.testing.assert_allclose(run_onnx(path, {"x": x.numpy()})[0], model(x).numpy(), atol=1e-6)
 
 
 def test_onnxruntime_rejecting_the_export_is_one_line_and_publishes_nothing(tmp_path):

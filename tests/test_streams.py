@@ -47,5 +47,7 @@ def test_export_progress_is_stderr_and_quiet_silences_it(merged, tmp_path):
     loud = cli_run("export-onnx", merged, "-o", tmp_path / "a", "--no-parity")
     quiet = cli_run("export-onnx", merged, "-o", tmp_path / "b", "--no-parity", "-q")
     assert loud.exit_code == quiet.exit_code == 0
-    assert "exported text-generation with the dynamo exporter" in loud.stderr or "exported causal-lm" in loud.stderr
+    phases = [line.split(" ")[0] for line in loud.stderr.splitlines()]
+    assert phases == ["loaded", "exported", "saved"]  # parity is its fourth line, when it runs
+    assert "loaded text-generation in " in loud.stderr and " s; inputs input_ids, attention_mask" in loud.stderr
     assert loud.stdout.startswith("exported ") and quiet.stdout == "" and quiet.stderr == ""

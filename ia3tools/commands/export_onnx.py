@@ -19,10 +19,11 @@ from typing import Callable, ClassVar
 from ia3tools.errors import ExportError, Notice, OptionError, require
 from ia3tools.formats import open_checkpoint
 from ia3tools.formats.config import architecture, read_model_config
+from ia3tools.formats.sentence import read_sentence_model
 from ia3tools.publish import Staging, check_output_path
 from ia3tools.reports import Report
 from ia3tools.tasks import Task, export_task_names, task_named, task_of_architecture, task_of_peft
-from ia3tools.write import ADAPTER_FILES, copy_side_files
+from ia3tools.write import ADAPTER_FILES, copy_module_dirs, copy_side_files
 
 
 @dataclass(frozen=True)
@@ -69,41 +70,47 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike, options: E
                 adapter: str | os.PathLike | None = None, log: Callable[[str], None] | None = None) -> ExportReport:
     """Export ``model_dir`` (merged first with ``adapter`` when given) to ``out``. Exactly the
     weights in ``model_dir`` are exported: an adapter kept beside them is ignored (named in a
-    warning), and nothing is ever fetched over the network. ``log`` receives progress lines."""
+    warning), and nothing is ever fetched over the network. ``log`` receives one line per phase."""
     options, log = options or ExportOptions(), log or (lambda _: None)
     for module in ("torch", "transformers", "onnx", "onnxruntime", "onnxscript"):
         require(module, "onnx", "export-onnx")
     model_dir, out = Path(model_dir), Path(out)
-    open_checkpoint(model_dir).close()  # strict: refuses an adapter-only directory, special files, ...
+    sentence = read_sentence_model(model_dir)
+    weights_dir = sentence.transformer_dir if sentence else model_dir
+    open_checkpoint(weights_dir).close()  # strict: refuses an adapter-only directory, special files, ...
     warnings = []
-    stray = sorted(n for n in ADAPTER_FILES if os.path.lexists(model_dir / n))
+    stray = sorted(n for n in ADAPTER_FILES if os.path.lexists(weights_dir / n))
     if stray and adapter is None:
-        warnings.append(Notice("adapter-ignored", f"{model_dir} also holds {', '.join(stray)}: ignored, the "
+        warnings.append(Notice("adapter-ignored", f"{weights_dir} also holds {', '.join(stray)}: ignored, the "
                                "weights are exported as they are (pass --adapter to merge an adapter first)",
-                               file=str(model_dir)))
+                               file=str(weights_dir)))
     inputs = [model_dir] + ([Path(adapter)] if adapter else [])
     warnings += check_output_path(out, inputs, options.force)
     timings: dict[str, float] = {}
     with Staging(out, options.force) as staging, Staging(out, scratch=True) as scratch:
-        source = model_dir
+        source = weights_dir
         if adapter is not None:
             from ia3tools.commands.merge import MergeOptions, merge
 
             started = time.perf_counter()
             source = scratch.path / "merged"
-            merge(model_dir, adapter, source, MergeOptions(durable=False))  # temporary: no fsync needed
+            merge(weights_dir, adapter, source, MergeOptions(durable=False))  # temporary: no fsync needed
             timings["merge_s"] = _since(started)
-            log(f"merged {adapter} into {model_dir} in {timings['merge_s']} s")
+            log(f"merged {adapter} into {weights_dir} in {timings['merge_s']} s")
         task = resolve_task(options.task, source, adapter)
+        from ia3tools.exporting.graph import validate_export
         from ia3tools.exporting.model import weights_view
 
         view = weights_view(source, scratch.path / "view")
-        report = _export_and_check(view, staging.path / "model.onnx", task, options, timings, log, out, model_dir)
+        report = _export_and_check(view, source, staging.path / "model.onnx", task, options, timings, log, out,
+                                   model_dir, sentence)
         copy_side_files(source, staging.path)
-        from ia3tools.exporting.graph import validate_export
-
+        if sentence is not None:
+            if weights_dir != model_dir:
+                copy_side_files(model_dir, staging.path)
+            copy_module_dirs(model_dir, staging.path, [d for d in sentence.module_dirs if model_dir / d != weights_dir])
         staging.publish(validate=validate_export)
-    report.files = {p.name: p.stat().st_size for p in sorted(out.iterdir())}
+    report.files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
     report.timings = timings
     report.warnings = warnings + staging.notes
     return report
@@ -131,31 +138,63 @@ def _since(started: float) -> float:
     return round(time.perf_counter() - started, 2)
 
 
-def _export_and_check(source: Path, onnx_path: Path, task: Task, options: ExportOptions, timings, log,
-                      out: Path, shown: Path) -> ExportReport:
-    """Export into ``onnx_path`` (in staging) and prove it; errors name ``out``, the path the user
-    gave, or ``shown``, the model directory."""
+def _signature(model, task: Task, view: Path, sentence, shown: Path):
+    """The graph's inputs (as the tokenizer gives them) and outputs (``sentence_embedding`` too for
+    a sentence-transformers model exported for feature extraction)."""
+    from ia3tools.exporting.graph import Signature
+    from ia3tools.exporting.model import text_input_names
+
+    if task.inputs == "image":
+        return Signature(["pixel_values"], [task.output]), "the architecture"
+    names, origin = text_input_names(model, view)
+    if task.inputs == "seq2seq":
+        names.append("decoder_input_ids")
+    if sentence is None or task.name != "feature-extraction" or sentence.pooling is None:
+        return Signature(names, [task.output]), origin
+    other = [m for m in sentence.modules[1:] if m.kind not in ("Pooling", "Normalize")]
+    if other:
+        raise ExportError(f"sentence-transformers module {other[0].path or other[0].name} ({other[0].kind}) cannot "
+                          "be exported: only Pooling and Normalize follow the Transformer", path=shown / "modules.json")
+    if "attention_mask" not in names:
+        raise ExportError("pooling needs the attention mask, which this model's inputs lack", path=shown)
+    return Signature(names, [task.output, "sentence_embedding"], sentence.pooling, sentence.normalize), origin
+
+
+def _export_and_check(view: Path, source: Path, onnx_path: Path, task: Task, options: ExportOptions, timings, log,
+                      out: Path, shown: Path, sentence) -> ExportReport:
+    """Load, export, save into ``onnx_path`` (in staging) and prove it, timing and logging each
+    phase; errors name ``out``, the path the user gave, or ``shown``, the model directory."""
     import torch
 
-    from ia3tools.exporting.graph import example_inputs, export_graph, tidy, wrap
+    from ia3tools.exporting.graph import example_inputs, export_graph, wrap, write_model
     from ia3tools.exporting.model import load_model
     from ia3tools.exporting.parity import compare, run_onnx
 
     started = time.perf_counter()
-    model = load_model(source, task, shown)
-    wrapper = wrap(model, task.output, task.inputs)
+    model = load_model(view, source, task, shown)
+    signature, origin = _signature(model, task, view, sentence, shown)
+    wrapper = wrap(model, signature)
     # batch >= 2 and length >= 2, or the exporter fixes the axis to the example's size
-    export_in, _ = example_inputs(model, task.inputs, 2, 8, 6, pad=False, seed=0)
-    parity_in, mask = example_inputs(model, task.inputs, 3, 5, 4, pad=True, seed=1)
+    export_in, _ = example_inputs(model, signature, 2, 8, pad=False, seed=0)
+    parity_in, mask = example_inputs(model, signature, 3, 5, pad=True, seed=1)
     with torch.no_grad():
-        reference = wrapper(*parity_in.values()).numpy()
-    exporter = export_graph(wrapper, export_in, onnx_path, options.opset, task.inputs, log)
+        reference = wrapper(*[parity_in[n] for n in signature.inputs])
+    reference = [r.numpy() for r in (reference if isinstance(reference, tuple) else (reference,))]
+    timings["load_s"] = _since(started)
+    log(f"loaded {task.optimum} in {timings['load_s']} s; inputs {', '.join(signature.inputs)} (from {origin})")
+    started = time.perf_counter()
+    exporter, program = export_graph(wrapper, signature, export_in, onnx_path, options.opset, log)
     timings["export_s"] = _since(started)
-    log(f"exported {task.name} with the {exporter} exporter (opset {options.opset}) in {timings['export_s']} s")
+    log(f"exported with the {exporter} exporter (opset {options.opset}) in {timings['export_s']} s")
     del model, wrapper
-    gc.collect()  # the torch model is freed before onnxruntime loads the export
-    tidy(onnx_path)
-    report = ExportReport(str(out), task.name, exporter, options.opset, None)
+    if program is not None:
+        started = time.perf_counter()
+        write_model(program.model, onnx_path)
+        del program
+        timings["save_s"] = _since(started)
+        log(f"saved {onnx_path.name} and its data in {timings['save_s']} s")
+    gc.collect()  # the torch model and the exported program are freed before onnxruntime loads the export
+    report = ExportReport(str(out), task.optimum, exporter, options.opset, None)
     if options.parity:
         started = time.perf_counter()
         try:
@@ -164,15 +203,15 @@ def _export_and_check(source: Path, onnx_path: Path, task: Task, options: Export
             hint = "; try --opset 18" if options.opset != 18 else ""
             raise ExportError(f"onnxruntime cannot run the export: {str(exc).strip().splitlines()[0]}{hint}; "
                               "nothing was published", path=out, code="onnxruntime") from None
-        errors = ErrorStats(**compare(reference, got, mask))
+        errors = {name: ErrorStats(**compare(ref, g, mask)) for name, ref, g in zip(signature.outputs, reference, got)}
         timings["parity_s"] = _since(started)
-        passed = errors.max_abs is not None and errors.max_abs <= options.atol
-        report.parity = Parity({task.output: errors}, options.atol, passed,
-                               {k: list(v.shape) for k, v in parity_in.items()})
-        log(f"parity on {report.parity.inputs}: max abs error {_num(errors.max_abs)}, "
-            f"max rel error {_num(errors.max_rel)} (atol {options.atol:g})")
+        worst_name, worst = max(errors.items(), key=lambda kv: float("inf") if kv[1].max_abs is None else kv[1].max_abs)
+        passed = all(e.max_abs is not None and e.max_abs <= options.atol for e in errors.values())
+        report.parity = Parity(errors, options.atol, passed, {k: list(v.shape) for k, v in parity_in.items()})
+        log(f"parity on {report.parity.inputs} in {timings['parity_s']} s: max abs error {_num(worst.max_abs)} "
+            f"({worst_name}), atol {options.atol:g}")
         if not passed:
-            raise ExportError(f"parity check failed: max abs error {_num(errors.max_abs)} on {task.output} exceeds "
+            raise ExportError(f"parity check failed: max abs error {_num(worst.max_abs)} on {worst_name} exceeds "
                               f"--atol {options.atol:g}; nothing was published", path=out, code="parity-failed")
     return report
 

@@ -16,76 +16,94 @@ from ia3tools.errors import ExportError
 DATA_FILE = "model.onnx.data"
 
 
-def wrap(model, output: str, kind: str):
-    """The model as a module taking tensors positionally (named as the exported graph's inputs)
-    and returning the one output that is exported and compared."""
+class Signature:
+    """What the graph takes and returns: input names in order, output names, and the
+    sentence-transformers pooling that adds ``sentence_embedding`` (None for none)."""
+
+    def __init__(self, inputs: list[str], outputs: list[str], pooling: tuple[str, ...] | None = None,
+                 normalize: bool = False):
+        self.inputs, self.outputs, self.pooling, self.normalize = inputs, outputs, pooling, normalize
+
+
+def wrap(model, signature: Signature):
+    """The model as a module taking the graph's inputs positionally and returning its outputs."""
     import torch
 
-    class Text(torch.nn.Module):
+    from ia3tools.exporting.pooling import pool
+
+    class Graph(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.model = model
 
-        def forward(self, input_ids, attention_mask):
-            return getattr(self.model(input_ids=input_ids, attention_mask=attention_mask), output)
+        def forward(self, *inputs):
+            feed = dict(zip(signature.inputs, inputs))
+            result = self.model(**feed)
+            first = getattr(result, signature.outputs[0])
+            if signature.pooling is None:
+                return first
+            return first, pool(first, feed["attention_mask"], signature.pooling, signature.normalize)
 
-    class Seq2Seq(Text):
-        def forward(self, input_ids, attention_mask, decoder_input_ids):
-            return getattr(self.model(input_ids=input_ids, attention_mask=attention_mask,
-                                      decoder_input_ids=decoder_input_ids), output)
-
-    class Image(Text):
-        def forward(self, pixel_values):
-            return getattr(self.model(pixel_values=pixel_values), output)
-
-    return {"text": Text, "seq2seq": Seq2Seq, "image": Image}[kind]().eval()
+    return Graph().eval()
 
 
-def example_inputs(model, kind: str, batch: int, length: int, decoder_length: int, pad: bool, seed: int):
-    """Inputs for export (``pad`` False) and for parity (another shape, one row padded)."""
+def example_inputs(model, signature: Signature, batch: int, length: int, pad: bool, seed: int):
+    """Inputs for the export (``pad`` False) and for parity (another shape: one row right-padded,
+    sentence pairs in ``token_type_ids``), with the mask of real positions (None where outputs
+    are not per input position)."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    if kind == "image":
+    if signature.inputs == ["pixel_values"]:
         c = getattr(model.config, "num_channels", 3)
         size = getattr(model.config, "image_size", 64)
         size = size if isinstance(size, int) else 64
         return {"pixel_values": torch.randn(batch, c, size, size, generator=g)}, None
     vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (batch, length), generator=g)
     mask = torch.ones(batch, length, dtype=torch.int64)
     if pad:
         mask[1, length - 2:] = 0
-    inputs = {"input_ids": ids, "attention_mask": mask}
-    if kind == "seq2seq":
-        inputs["decoder_input_ids"] = torch.randint(0, vocab, (batch, decoder_length), generator=g)
-        return inputs, None  # the compared output is over decoder positions, none of them padding
-    return inputs, mask.numpy()
+    segments = torch.zeros(batch, length, dtype=torch.int64)
+    segments[:, length // 2:] = 1  # a second sentence in the second half
+    segments *= mask
+    feed = {"input_ids": torch.randint(0, vocab, (batch, length), generator=g), "attention_mask": mask,
+            "token_type_ids": segments,
+            "decoder_input_ids": torch.randint(0, vocab, (batch, max(2, length - 1)), generator=g)}
+    inputs = {name: feed[name] for name in signature.inputs}
+    per_position = "decoder_input_ids" not in inputs  # seq2seq outputs are over decoder positions, none padded
+    return inputs, (mask.numpy() if per_position else None)
 
 
-def dynamic_axes(kind: str):
+def _dims(signature: Signature):
+    """Dynamic dims: (torch.export shapes, TorchScript axis names)."""
     import torch
 
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    if kind == "image":
-        return {"pixel_values": {0: batch}}, {"pixel_values": {0: "batch"}}
-    shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
-    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
-    if kind == "seq2seq":
-        shapes["decoder_input_ids"] = {0: batch, 1: torch.export.Dim("decoder_sequence")}
-        axes["decoder_input_ids"] = {0: "batch", 1: "decoder_sequence"}
-    axes["output"] = {0: "batch"}
-    return shapes, axes
+    decoder = torch.export.Dim("decoder_sequence")
+    shapes, axes = [], {}
+    for name in signature.inputs:
+        if name == "pixel_values":
+            shapes.append({0: batch})
+            axes[name] = {0: "batch"}
+        elif name == "decoder_input_ids":
+            shapes.append({0: batch, 1: decoder})
+            axes[name] = {0: "batch", 1: "decoder_sequence"}
+        else:
+            shapes.append({0: batch, 1: seq})
+            axes[name] = {0: "batch", 1: "sequence"}
+    for name in signature.outputs:
+        axes[name] = {0: "batch"}
+    return (tuple(shapes),), axes
 
 
-def export_graph(wrapper, inputs: dict, path: Path, opset: int, kind: str, log) -> str:
-    """Export with dynamo; fall back to the TorchScript exporter. torch's own progress lines go to
-    stderr, keeping stdout for the report."""
+def export_graph(wrapper, signature: Signature, inputs: dict, path: Path, opset: int, log):
+    """Export with dynamo, returning ("dynamo", the program) for ``write_model`` to write; or, where
+    dynamo fails, with the TorchScript exporter straight to ``path``, returning ("torchscript",
+    None). torch's own progress lines go to stderr, keeping stdout for the report."""
     import torch
 
-    shapes, axes = dynamic_axes(kind)
-    names = list(inputs)
-    args = tuple(inputs.values())
+    shapes, axes = _dims(signature)
+    args = tuple(inputs[n] for n in signature.inputs)
     failures = []
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed"
     for exporter in ("dynamo", "torchscript"):
@@ -93,19 +111,92 @@ def export_graph(wrapper, inputs: dict, path: Path, opset: int, kind: str, log) 
             with contextlib.redirect_stdout(sys.stderr), torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 if exporter == "dynamo":
-                    program = torch.onnx.export(wrapper, args, dynamo=True, opset_version=opset, input_names=names,
-                                                output_names=["output"], dynamic_shapes=shapes, verbose=False)
-                    program.save(str(path), external_data=True)
-                else:
-                    torch.onnx.export(wrapper, args, str(path), dynamo=False, opset_version=opset, input_names=names,
-                                      output_names=["output"], dynamic_axes=axes)
-            return exporter
+                    program = torch.onnx.export(wrapper, args, dynamo=True, opset_version=opset,
+                                                input_names=signature.inputs, output_names=signature.outputs,
+                                                dynamic_shapes=shapes, verbose=False)
+                    return exporter, program
+                torch.onnx.export(wrapper, args, str(path), dynamo=False, opset_version=opset,
+                                  input_names=signature.inputs, output_names=signature.outputs, dynamic_axes=axes)
+                tidy(path)
+                return exporter, None
         except Exception as exc:  # exporters raise many types; the next one gets its chance
             failures.append(f"{exporter}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
             log(f"{exporter} exporter failed; {'trying the next' if exporter == 'dynamo' else 'giving up'}")
             for leftover in path.parent.glob("model.onnx*"):
                 leftover.unlink()
     raise ExportError("export failed: " + "; ".join(failures))
+
+
+INLINE_BYTES = 1024  # tensors up to this size stay in model.onnx: onnxruntime's shape inference reads them there
+ALIGN_BYTES = 1 << 16  # larger tensors start at 64 KiB offsets, so onnxruntime can memory-map them anywhere
+_CHUNK = 16 << 20
+
+
+def write_model(model, path: Path) -> None:
+    """Write an ``onnx_ir`` model as ``path`` plus one external data file beside it, without
+    holding a second copy of the weights: each initializer is written straight from the tensor the
+    exporter holds (the model's own parameters), a transposed view (what the exporter's constant
+    folding leaves) in 16 MB row blocks; offsets are aligned for memory mapping and the data's
+    writeback starts at once. The exporter's per-node debug metadata (stack traces, FX dumps: about
+    40% of model.onnx, with local paths in it) is left out, so the export is reproducible."""
+    import numpy as np
+    import onnx_ir as ir
+    import torch
+
+    for graph in list(model.graphs()) + list(model.functions.values()):
+        for node in graph:
+            node.metadata_props.clear()
+    data = path.parent / DATA_FILE
+    fd = os.open(data, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
+    offset = 0
+    try:
+        for graph in model.graphs():
+            for name, value in graph.initializers.items():
+                tensor = value.const_value
+                if tensor is None or tensor.nbytes <= INLINE_BYTES:
+                    continue
+                if tensor.nbytes > (1 << 20):
+                    offset = -(-offset // ALIGN_BYTES) * ALIGN_BYTES
+                raw = getattr(tensor, "raw", None)
+                if isinstance(raw, torch.Tensor):
+                    array = raw.detach()
+                elif isinstance(raw, np.ndarray) and all(st >= 0 for st in raw.strides):
+                    array = raw  # a view the exporter's constant folding made: written in blocks
+                else:
+                    array = np.ascontiguousarray(tensor.numpy())
+                written = _write_array(fd, array, offset)
+                if written != tensor.nbytes:
+                    raise ExportError(f"initializer {name} wrote {written} bytes, expected {tensor.nbytes}")
+                value.const_value = ir.ExternalTensor(DATA_FILE, offset, written, tensor.dtype, shape=tensor.shape,
+                                                      name=name, base_dir=path.parent)
+                offset += written
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # start writeback now, not at the fsync
+    finally:
+        os.close(fd)
+    ir.save(model, path)
+    os.chmod(data, path.stat().st_mode & 0o777)
+
+
+def _write_array(fd: int, array, offset: int) -> int:
+    """Write a tensor's bytes in C order at ``offset``; a non-contiguous one in row blocks."""
+    import numpy as np
+    import torch
+
+    from ia3tools.formats.files import pwrite
+
+    t = torch.from_numpy(array) if isinstance(array, np.ndarray) else array
+    if t.dim() == 0:
+        t = t.reshape(1)
+    rows = max(1, _CHUNK // max(1, t[0].numel() * t.element_size()))
+    written = 0
+    for lo in range(0, t.shape[0], rows):
+        block = t[lo: lo + rows].contiguous()
+        view = memoryview(block.view(torch.uint8).numpy()).cast("B")
+        while view:
+            n = pwrite(fd, view, offset + written)
+            view, written = view[n:], written + n
+    return written
 
 
 def validate_export(directory: Path) -> None:
@@ -118,7 +209,7 @@ def validate_export(directory: Path) -> None:
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"onnx checker rejects the export: {str(exc).strip().splitlines()[0]}", path=path) from None
     locations = data_locations(path)
-    if locations - {DATA_FILE} or not (directory / DATA_FILE).is_file():
+    if locations - {DATA_FILE} or (locations and not (directory / DATA_FILE).is_file()):
         raise ExportError(f"external data is not the single file {DATA_FILE}: {sorted(locations)}", path=path)
 
 

@@ -29,11 +29,11 @@ def compare(reference: np.ndarray, got: np.ndarray, mask: np.ndarray | None) -> 
     return {"max_abs": max_abs, "max_rel": max_abs / scale if scale > 0 else max_abs}
 
 
-def run_onnx(model_path, inputs: dict[str, np.ndarray]) -> np.ndarray:
-    """The first output of the ONNX model on onnxruntime's CPU provider."""
+def run_onnx(model_path, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The outputs of the ONNX model on onnxruntime's CPU provider, in graph order."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 4  # fatal only: a failure is reported once, by the caller
     session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-    return session.run(None, inputs)[0]
+    return session.run(None, inputs)

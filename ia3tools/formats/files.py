@@ -35,6 +35,19 @@ def _pwrite_fallback(fd: int, data, offset: int) -> int:
         return os.write(fd, data)
 
 
+def _preadinto_fallback(fd: int, buffer, offset: int) -> int:
+    data = pread(fd, len(buffer), offset)
+    buffer[: len(data)] = data
+    return len(data)
+
+
+def preadinto(fd: int, buffer, offset: int) -> int:
+    """Read up to ``len(buffer)`` bytes at ``offset`` straight into ``buffer``; the count read."""
+    if hasattr(os, "preadv") and pread is os.pread:
+        return os.preadv(fd, [buffer], offset)
+    return _preadinto_fallback(fd, buffer, offset)
+
+
 # os.pread and os.pwrite do not exist on Windows: there, one lock serialises seek + read/write.
 pread = getattr(os, "pread", _pread_fallback)
 pwrite = getattr(os, "pwrite", _pwrite_fallback)

@@ -111,6 +111,9 @@ class BinFile:
     def arrays(self, names: list[str]) -> dict[str, np.ndarray]:
         return {n: self.array(n) for n in names}
 
+    def read_into(self, name: str, out) -> None:
+        memoryview(out).cast("B")[:] = self.read_bytes(name)
+
     def read_bytes(self, name: str, start: int = 0, length: int | None = None) -> bytes:
         """A byte range of the tensor, sliced from a byte view (no copy of the rest)."""
         import torch

@@ -218,6 +218,23 @@ class SafetensorsFile:
             length = info.nbytes - start
         return _pread_exact(self.fileno(), length, self.header.data_start + info.begin + start, self.path, "data")
 
+    def read_into(self, name: str, out) -> None:
+        """Tensor ``name``'s bytes into ``out`` (a writable buffer of exactly its size), with no copy
+        in between."""
+        info = self.tensors[name]
+        view = memoryview(out).cast("B")
+        if len(view) != info.nbytes:
+            raise ValueError(f"buffer of {len(view)} bytes for a tensor of {info.nbytes}")
+        done, start = 0, self.header.data_start + info.begin
+        while done < info.nbytes:
+            try:
+                n = files.preadinto(self.fileno(), view[done:], start + done)
+            except OSError as exc:
+                raise FormatError(f"cannot read the data: {os_reason(exc)}", path=self.path) from None
+            if n == 0:
+                raise FormatError("file shrank while being read (it ends inside the tensor data)", path=self.path)
+            done += n
+
     def array(self, name: str) -> np.ndarray:
         """The whole tensor as a writable numpy array of its own dtype (bf16 via ml_dtypes)."""
         info = self.tensors[name]
