@@ -127,6 +127,29 @@ def export_graph(wrapper, signature: Signature, inputs: dict, path: Path, opset:
     raise ExportError("export failed: " + "; ".join(failures))
 
 
+def release_exporter_state() -> None:
+    """Drop what the exporter keeps after it returns. onnxscript's pattern matchers (module-level
+    rewrite rules) remember the last graph they matched, and through it every weight of the model
+    just exported; dynamo's caches hold the traced module. Without this, the whole float32 model
+    stays in memory through the parity check."""
+    import gc
+
+    import onnx_ir as ir
+    import torch
+
+    torch._dynamo.reset()
+    held = (ir.Graph, ir.Node, ir.Function, ir.Model)
+    for obj in gc.get_objects():
+        module = getattr(type(obj), "__module__", None)
+        if isinstance(module, str) and module.startswith("onnxscript.rewriter") and hasattr(obj, "__dict__"):
+            if callable(getattr(obj, "_init_match", None)):
+                obj._init_match(0)  # a fresh match state, in place of the last match (and its nodes)
+            for name, value in list(vars(obj).items()):
+                if isinstance(value, held):
+                    setattr(obj, name, None)
+    gc.collect()
+
+
 INLINE_BYTES = 1024  # tensors up to this size stay in model.onnx: onnxruntime's shape inference reads them there
 ALIGN_BYTES = 1 << 16  # larger tensors start at 64 KiB offsets, so onnxruntime can memory-map them anywhere
 _CHUNK = 16 << 20
@@ -147,6 +170,7 @@ def write_model(model, path: Path) -> None:
         for node in graph:
             node.metadata_props.clear()
     data = path.parent / DATA_FILE
+    staging = torch.empty(_CHUNK, dtype=torch.uint8)
     fd = os.open(data, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
     offset = 0
     try:
@@ -164,7 +188,7 @@ def write_model(model, path: Path) -> None:
                     array = raw  # a view the exporter's constant folding made: written in blocks
                 else:
                     array = np.ascontiguousarray(tensor.numpy())
-                written = _write_array(fd, array, offset)
+                written = _write_array(fd, array, offset, staging)
                 if written != tensor.nbytes:
                     raise ExportError(f"initializer {name} wrote {written} bytes, expected {tensor.nbytes}")
                 value.const_value = ir.ExternalTensor(DATA_FILE, offset, written, tensor.dtype, shape=tensor.shape,
@@ -178,8 +202,9 @@ def write_model(model, path: Path) -> None:
     os.chmod(data, path.stat().st_mode & 0o777)
 
 
-def _write_array(fd: int, array, offset: int) -> int:
-    """Write a tensor's bytes in C order at ``offset``; a non-contiguous one in row blocks."""
+def _write_array(fd: int, array, offset: int, staging) -> int:
+    """Write a tensor's bytes in C order at ``offset``: a contiguous one straight from its memory,
+    another in row blocks gathered into the reusable ``staging`` buffer (no allocation per block)."""
     import numpy as np
     import torch
 
@@ -188,11 +213,16 @@ def _write_array(fd: int, array, offset: int) -> int:
     t = torch.from_numpy(array) if isinstance(array, np.ndarray) else array
     if t.dim() == 0:
         t = t.reshape(1)
-    rows = max(1, _CHUNK // max(1, t[0].numel() * t.element_size()))
+    row = t[0].numel() * t.element_size()
+    rows = max(1, len(staging) // max(1, row))
     written = 0
     for lo in range(0, t.shape[0], rows):
-        block = t[lo: lo + rows].contiguous()
-        view = memoryview(block.view(torch.uint8).numpy()).cast("B")
+        block = t[lo: lo + rows]
+        if not block.is_contiguous() and block.numel() * t.element_size() <= len(staging):
+            gathered = staging[: block.numel() * t.element_size()].view(t.dtype).view(block.shape)
+            gathered.copy_(block)
+            block = gathered
+        view = memoryview(block.contiguous().view(torch.uint8).numpy()).cast("B")
         while view:
             n = pwrite(fd, view, offset + written)
             view, written = view[n:], written + n

@@ -21,6 +21,7 @@ from ia3tools.tasks import Task
 from ia3tools.write import ADAPTER_FILES
 
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # graph input order
+_CHUNK = 16 << 20
 
 
 @contextlib.contextmanager
@@ -74,13 +75,22 @@ def read_state_dict(directory: Path) -> dict:
     import torch
 
     state = {}
+    staging = torch.empty(_CHUNK, dtype=torch.uint8)  # one buffer for the bytes of every upcast tensor
     with contextlib.closing(open_checkpoint(directory)) as ckpt:
         for name, ref in ckpt.tensors.items():
             dtype = to_torch(ref.dtype)
-            raw = torch.empty(ref.nbytes, dtype=torch.uint8)
-            ckpt.read_into(name, raw.numpy())
-            tensor = raw.view(dtype).reshape(ref.shape)
-            state[name] = tensor.float() if tensor.is_floating_point() and dtype != torch.float32 else tensor
+            if not dtype.is_floating_point or dtype in (torch.float32, torch.float64):
+                tensor = torch.empty(ref.nbytes, dtype=torch.uint8)
+                ckpt.read_into(name, tensor.numpy())
+                state[name] = tensor.view(dtype).reshape(ref.shape)
+                continue
+            out = torch.empty(ref.shape, dtype=torch.float32)
+            flat, size = out.view(-1), torch.empty((), dtype=dtype).element_size()
+            for start in range(0, ref.nbytes, _CHUNK):  # read and upcast in chunks, never the whole tensor twice
+                n = min(_CHUNK, ref.nbytes - start)
+                ckpt.read_into(name, staging[:n].numpy(), start)
+                flat[start // size:(start + n) // size].copy_(staging[:n].view(dtype))
+            state[name] = out
     return state
 
 

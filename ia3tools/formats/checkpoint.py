@@ -63,9 +63,9 @@ class Checkpoint:
     def read_bytes(self, name: str, start: int = 0, length: int | None = None) -> bytes:
         return self.reader(name).read_bytes(name, start, length)
 
-    def read_into(self, name: str, out) -> None:
-        """Tensor ``name``'s bytes into the writable buffer ``out`` of exactly its size."""
-        self.reader(name).read_into(name, out)
+    def read_into(self, name: str, out, start: int = 0) -> None:
+        """``len(out)`` bytes of tensor ``name`` from byte ``start`` into the writable buffer ``out``."""
+        self.reader(name).read_into(name, out, start)
 
     def byte_range(self, name: str) -> ByteRange | None:
         """Where a tensor's bytes lie in its file, for a raw copy; None where the format has no

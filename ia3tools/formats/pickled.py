@@ -111,8 +111,9 @@ class BinFile:
     def arrays(self, names: list[str]) -> dict[str, np.ndarray]:
         return {n: self.array(n) for n in names}
 
-    def read_into(self, name: str, out) -> None:
-        memoryview(out).cast("B")[:] = self.read_bytes(name)
+    def read_into(self, name: str, out, start: int = 0) -> None:
+        view = memoryview(out).cast("B")
+        view[:] = self.read_bytes(name, start, len(view))
 
     def read_bytes(self, name: str, start: int = 0, length: int | None = None) -> bytes:
         """A byte range of the tensor, sliced from a byte view (no copy of the rest)."""

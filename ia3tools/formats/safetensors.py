@@ -218,15 +218,15 @@ class SafetensorsFile:
             length = info.nbytes - start
         return _pread_exact(self.fileno(), length, self.header.data_start + info.begin + start, self.path, "data")
 
-    def read_into(self, name: str, out) -> None:
-        """Tensor ``name``'s bytes into ``out`` (a writable buffer of exactly its size), with no copy
-        in between."""
+    def read_into(self, name: str, out, start: int = 0) -> None:
+        """``len(out)`` bytes of tensor ``name`` from byte ``start`` of its data into ``out`` (a
+        writable buffer), with no copy in between."""
         info = self.tensors[name]
         view = memoryview(out).cast("B")
-        if len(view) != info.nbytes:
-            raise ValueError(f"buffer of {len(view)} bytes for a tensor of {info.nbytes}")
-        done, start = 0, self.header.data_start + info.begin
-        while done < info.nbytes:
+        if start + len(view) > info.nbytes:
+            raise ValueError(f"{len(view)} bytes from {start} run past a tensor of {info.nbytes}")
+        done, length, start = 0, len(view), self.header.data_start + info.begin + start
+        while done < length:
             try:
                 n = files.preadinto(self.fileno(), view[done:], start + done)
             except OSError as exc:
