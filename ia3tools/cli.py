@@ -103,16 +103,28 @@ def inspect_cmd(path, near_zero, quiet):
     return ia3tools.inspect(path, near_zero=near_zero)
 
 
+def _optional_base(paths: tuple[str, ...], names: str):
+    """``[BASE] ADAPTER ...`` arguments: BASE may be left out when the adapter names its base."""
+    wanted = names.split()
+    if len(paths) == len(wanted):
+        return paths
+    if len(paths) == len(wanted) - 1:
+        return (None, *paths)
+    raise click.UsageError(f"expected {' '.join(['[BASE]'] + wanted[1:])}, got {len(paths)} argument(s)")
+
+
 @cli.command("check")
-@click.argument("base", type=click.Path())
-@click.argument("adapter", type=click.Path())
+@click.argument("paths", nargs=-1, required=True, metavar="[BASE] ADAPTER")
 @common_options
 @runs("check", _render("check"))
-def check_cmd(base, adapter, quiet):
+def check_cmd(paths, quiet):
     """Check that ADAPTER fits BASE: every vector mapped, shaped and oriented right.
 
-    Exit 0 when it fits, 1 with one line per problem when it does not.
+    BASE is a directory, a hub id org/name[@revision] in the local Hugging Face cache, or left out
+    for the base the adapter's base_model_name_or_path names. Exit 0 when it fits, 1 with one line
+    per problem when it does not.
     """
+    base, adapter = _optional_base(paths, "BASE ADAPTER")
     return ia3tools.check(base, adapter)
 
 
@@ -144,8 +156,7 @@ def _size(ctx, param, value: str | None) -> int | None:
 
 
 @cli.command("merge")
-@click.argument("base", type=click.Path())
-@click.argument("adapter", type=click.Path())
+@click.argument("paths", nargs=-1, required=True, metavar="[BASE] ADAPTER")
 @click.option("-o", "--output", "out", type=click.Path(), help="Directory to create (required unless --dry-run).")
 @click.option("--device", default="cpu", show_default=True, callback=_device,
               help="Where to fold: cpu, cuda, cuda:N or auto (CUDA when available).")
@@ -157,32 +168,37 @@ def _size(ctx, param, value: str | None) -> int | None:
 @click.option("--force", is_flag=True, help="Replace an existing output directory (atomically).")
 @click.option("--no-fsync", is_flag=True,
               help="Skip fsync before publishing: as fast as cp, still atomic, but not power-loss safe.")
+@click.option("--tokenizer-from", type=click.Choice(["base", "adapter"]), default=None,
+              help="Whose tokenizer the merged model ships (default: the adapter's when it has one).")
 @common_options
 @runs("merge", _render("merge"))
-def merge_cmd(base, adapter, out, device, dtype, max_shard_size, dry_run, force, no_fsync, quiet):
+def merge_cmd(paths, out, device, dtype, max_shard_size, dry_run, force, no_fsync, tokenizer_from, quiet):
     """Fold ADAPTER's IA3 vectors into BASE and write a standard Hugging Face model directory.
 
-    Bit-identical to PEFT's merge_and_unload; streams tensor by tensor with flat memory; the
-    output appears atomically, only once complete and validated.
+    BASE is a directory, a hub id org/name[@revision] in the local Hugging Face cache, or left out
+    for the base the adapter names. Bit-identical to PEFT's merge_and_unload; streams tensor by
+    tensor with flat memory; the output appears atomically, only once complete and validated.
     """
+    base, adapter = _optional_base(paths, "BASE ADAPTER")
     if out is None and not dry_run:
         raise click.UsageError("missing option '-o' / '--output' (required unless --dry-run)")
     options = ia3tools.MergeOptions(device=device, dtype=dtype, max_shard_size=max_shard_size, dry_run=dry_run,
-                                    force=force, progress=not quiet, durable=not no_fsync)
+                                    force=force, progress=not quiet, durable=not no_fsync,
+                                    tokenizer_from=tokenizer_from)
     return ia3tools.merge(base, adapter, out, options)
 
 
 @cli.command("verify")
-@click.argument("base", type=click.Path())
-@click.argument("adapter", type=click.Path())
-@click.argument("merged", type=click.Path())
+@click.argument("paths", nargs=-1, required=True, metavar="[BASE] ADAPTER MERGED")
 @common_options
 @runs("verify", _render("verify"))
-def verify_cmd(base, adapter, merged, quiet):
+def verify_cmd(paths, quiet):
     """Prove MERGED is exactly BASE with ADAPTER folded in, bit for bit.
 
-    Exit 0 when identical; 1 naming each differing (with its max error), missing or extra tensor.
+    BASE may be a hub id in the local cache, or left out for the base the adapter names. Exit 0
+    when identical; 1 naming each differing (with its max error), missing or extra tensor.
     """
+    base, adapter, merged = _optional_base(paths, "BASE ADAPTER MERGED")
     return ia3tools.verify(base, adapter, merged)
 
 
@@ -225,7 +241,7 @@ def _task_names() -> list[str]:
 
 
 @cli.command("export-onnx")
-@click.argument("model_dir", type=click.Path())
+@click.argument("model_dir", required=False)
 @click.option("--adapter", type=click.Path(), help="Merge this IA3 adapter into MODEL_DIR first (in a temporary directory).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Directory to create.")
 @click.option("--task", type=click.Choice(_task_names()), default="auto", show_default=True,
@@ -241,9 +257,12 @@ def _task_names() -> list[str]:
 def export_onnx_cmd(model_dir, adapter, out, task, opset, atol, no_parity, force, quiet):
     """Export a merged model (or MODEL_DIR + --adapter, merged first) to ONNX.
 
-    The export is checked with onnx's checker and proven equal to the torch model by an
+    MODEL_DIR may be a hub id in the local cache, or left out with --adapter for the base the
+    adapter names. The export is checked with onnx's checker and proven equal to the torch model by an
     onnxruntime parity test on differently shaped, padded inputs before it is published.
     """
+    if model_dir is None and adapter is None:
+        raise click.UsageError("missing argument MODEL_DIR (it may be left out only with --adapter)")
     options = ia3tools.ExportOptions(task=task, opset=opset, atol=atol, parity=not no_parity, force=force)
     return ia3tools.export_onnx(model_dir, out, options, adapter=adapter, log=_progress(quiet))
 

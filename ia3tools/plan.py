@@ -150,9 +150,10 @@ class FoldPlan:
         return self.names.output_name(head.replaces) if head.replaces else self.names.added_output(head.name)
 
 
-def build_plan(base: Checkpoint, adapter: Adapter) -> FoldPlan:
+def build_plan(base: Checkpoint, adapter: Adapter, vocab_size: int | None = None) -> FoldPlan:
     """Match every vector and head tensor of ``adapter`` to ``base``; never raises for a misfit,
-    records it as a finding instead (so ``check`` can list them all)."""
+    records it as a finding instead (so ``check`` can list them all). ``vocab_size`` (the base
+    config's) lets a modules_to_save embedding or output head carry a resized vocabulary."""
     index = BaseNames(base.tensors)
     names = NameMap.infer(index, list(adapter.vectors) + list(adapter.heads))
     plan = FoldPlan(names)
@@ -167,7 +168,7 @@ def build_plan(base: Checkpoint, adapter: Adapter) -> FoldPlan:
         if fold is not None:
             plan.folds.append(fold)
     for name in adapter.heads:
-        _plan_head(plan, base, index, adapter, name, err)
+        _plan_head(plan, base, index, adapter, name, err, vocab_size)
 
     seen: dict[str, str] = {}
     for fold in plan.folds:
@@ -309,7 +310,7 @@ def _conv(module, vshape, wshape, feedforward, err):
     return orientation("conv", True)[0], length // per_group, length
 
 
-def _plan_head(plan, base: Checkpoint, index: BaseNames, adapter: Adapter, name: str, err) -> None:
+def _plan_head(plan, base: Checkpoint, index: BaseNames, adapter: Adapter, name: str, err, vocab_size) -> None:
     info = adapter.heads[name]
     found = resolve(name, index, plan.names)
     if isinstance(found, list) and found:
@@ -317,7 +318,9 @@ def _plan_head(plan, base: Checkpoint, index: BaseNames, adapter: Adapter, name:
         return
     if isinstance(found, str):
         shape = base.tensors[found].shape
-        if shape != info.shape:
+        resized_vocab = (vocab_size is not None and len(shape) == 2 and len(info.shape) == 2 and shape[0] == vocab_size
+                         and shape[1] == info.shape[1])  # embeddings resized for added tokens
+        if shape != info.shape and not resized_vocab:
             err("head-shape", f"modules_to_save tensor has shape {list(info.shape)}, base {found} has {list(shape)}", name)
             return
         plan.heads.append(HeadCopy(name, info.key, found, info.shape))

@@ -107,11 +107,14 @@ def render_merge(r) -> tuple[str, str | None]:
     heads = ""
     if r.heads_added or r.heads_replaced:
         heads = f", {r.heads_added} head tensor(s) added, {r.heads_replaced} replaced"
-    return "", printable_lines([
+    lines = [
         f"merged {r.folded} tensors of {r.tensors}{heads} -> {r.output} ({shards}, {human_bytes(r.bytes)}) "
         f"on {r.device}",
         f"adapter sha256 {r.adapter_sha256}",
-    ])
+    ]
+    if r.tokenizer_from == "adapter":
+        lines.append("tokenizer and chat template from the adapter (--tokenizer-from base keeps the base's)")
+    return "", printable_lines(lines)
 
 
 def render_verify(r) -> tuple[str, str | None]:

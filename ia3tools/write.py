@@ -188,17 +188,18 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json", ".onnx"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
 
-def copy_side_files(source: Path, directory: Path) -> list[str]:
+def copy_side_files(source: Path, directory: Path, skip=()) -> list[str]:
     """Copy the files of a model directory that are not weights (config, generation config,
-    tokenizer, preprocessor, README, ...) into ``directory``. Hidden files, subdirectories and an
-    adapter kept beside the weights are skipped. A side file that is not a regular file (a FIFO, a
-    device) or resolves outside ``source`` (a hostile symlink) is refused, naming it."""
+    tokenizer, preprocessor, README, ...) into ``directory``. Hidden files, subdirectories, an
+    adapter kept beside the weights and the names in ``skip`` are left out. A side file that is not
+    a regular file (a FIFO, a device) or resolves outside ``source`` (a hostile symlink) is refused,
+    naming it."""
     from ia3tools.formats.checkpoint import resolve_member
 
     copied = []
     for entry in sorted(os.listdir(source)):
         src = source / entry
-        if entry.startswith(".") or entry.endswith(WEIGHT_SUFFIXES) or entry in ADAPTER_FILES:
+        if entry.startswith(".") or entry.endswith(WEIGHT_SUFFIXES) or entry in ADAPTER_FILES or entry in skip:
             continue
         if os.path.isdir(src) and not os.path.islink(src):
             continue
@@ -228,6 +229,18 @@ def copy_module_dirs(source: Path, directory: Path, names: list[str]) -> list[st
                 _copy_file(Path(root) / entry, directory / rel / entry)
                 copied.append(str(rel / entry))
     return copied
+
+
+def copy_tree_or_file(source: Path, name: str, directory: Path) -> None:
+    """Copy ``source/name`` (a file, or a directory of files) into ``directory``, as the side
+    files are copied."""
+    from ia3tools.formats.checkpoint import resolve_member
+
+    if (source / name).is_dir() and not (source / name).is_symlink():
+        copy_module_dirs(source, directory, [name])
+        return
+    resolve_member(source, name, source, what="side file")
+    _copy_file(source / name, directory / name)
 
 
 def _copy_file(src: Path, dst: Path) -> None:

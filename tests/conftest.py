@@ -82,3 +82,8 @@ def assert_refused(result, *names, out=None, code=1):
         if out.parent.exists():
             assert [p for p in os.listdir(out.parent) if MARK in p] == []
     return lines[0]
+
+
+def weight_files(directory) -> list[Path]:
+    """A merged directory's files but its model card (which names the output path and command)."""
+    return sorted(p for p in Path(directory).iterdir() if p.name != "README.md")

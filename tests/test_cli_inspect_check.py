@@ -123,7 +123,8 @@ def test_check_unreadable_adapter(fixture_copy):
 
 
 def test_usage_errors_exit_2():
-    assert run("check", FIXTURES / "llama" / "base").exit_code == 2
+    assert run("check").exit_code == 2
+    assert run("check", "a", "b", "c").exit_code == 2
     assert run("inspect", FIXTURES / "llama" / "base", "--bogus").exit_code == 2
 
 

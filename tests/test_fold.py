@@ -51,7 +51,7 @@ def test_row_blocks_cover_the_tensor_once():
 
 def test_torch_folder_merge_is_bit_identical_to_numpy_path(tmp_path, monkeypatch):
     """The device path (torch) writes the same bytes as the CPU path, checked here on torch's CPU."""
-    from conftest import FIXTURES
+    from conftest import FIXTURES, weight_files
 
     from ia3tools.commands import merge as merge_mod
     from ia3tools import MergeOptions, merge
@@ -62,13 +62,13 @@ def test_torch_folder_merge_is_bit_identical_to_numpy_path(tmp_path, monkeypatch
     monkeypatch.setattr(fold_mod, "BLOCK_BYTES", 256)  # many blocks: exercises read-ahead and slicing
     report = merge(base, adapter, tmp_path / "torch", MergeOptions())
     assert report.device == "cpu"
-    for f in sorted((tmp_path / "numpy").iterdir()):
+    for f in weight_files(tmp_path / "numpy"):
         assert (tmp_path / "torch" / f.name).read_bytes() == f.read_bytes(), f.name
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_merge_is_bit_identical_to_cpu(tmp_path):
-    from conftest import FIXTURES
+    from conftest import FIXTURES, weight_files
 
     from ia3tools import MergeOptions, merge
 
@@ -76,7 +76,7 @@ def test_cuda_merge_is_bit_identical_to_cpu(tmp_path):
         base, adapter = FIXTURES / name / "base", FIXTURES / name / "adapter"
         merge(base, adapter, tmp_path / f"{name}-cpu")
         merge(base, adapter, tmp_path / f"{name}-cuda", MergeOptions(device="cuda"))
-        for f in sorted((tmp_path / f"{name}-cpu").iterdir()):
+        for f in weight_files(tmp_path / f"{name}-cpu"):
             assert (tmp_path / f"{name}-cuda" / f.name).read_bytes() == f.read_bytes(), f.name
 
 

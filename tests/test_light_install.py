@@ -60,6 +60,6 @@ def test_the_package_declares_no_heavy_dependency():
     tomllib = pytest.importorskip("tomllib")
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     core = {req.split(">")[0].split("=")[0].split("[")[0].strip().lower() for req in project["dependencies"]}
-    assert core == {"numpy", "ml_dtypes", "click", "tqdm"}
+    assert core == {"numpy", "ml_dtypes", "click", "tqdm", "huggingface_hub"}
     assert project["optional-dependencies"]["torch"] == ["torch>=2.6"]
     assert "ia3tools[torch]" in project["optional-dependencies"]["onnx"]

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import FIXTURES, ROOT, edit_json
+from conftest import FIXTURES, ROOT, edit_json, weight_files
 from safetensors.numpy import save_file
 
 from ia3tools.cli import cli
@@ -195,7 +195,7 @@ def test_no_fsync_writes_the_same_bytes_without_fsync(tmp_path, monkeypatch):
     calls.clear()
     assert run("merge", *LLAMA, "-o", tmp_path / "fast", "-q", "--no-fsync").exit_code == 0
     assert durable_calls >= 4 and calls == []
-    for f in sorted((tmp_path / "durable").iterdir()):
+    for f in weight_files(tmp_path / "durable"):
         assert (tmp_path / "fast" / f.name).read_bytes() == f.read_bytes()
 
 

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import FIXTURES, ROOT, cli_run
+from conftest import FIXTURES, ROOT, cli_run, weight_files
 
 from ia3tools import atomic, publish
 from ia3tools.formats import files
@@ -28,7 +28,7 @@ def same_merge(reference, tmp_path):
     for name, pair in (("llama", LLAMA), ("gpt2", GPT2)):
         result = cli_run("merge", *pair, "-o", tmp_path / name, "-q")
         assert result.exit_code == 0, result.output
-        for f in sorted((reference / name).iterdir()):
+        for f in weight_files(reference / name):
             assert (tmp_path / name / f.name).read_bytes() == f.read_bytes(), f.name
         assert cli_run("verify", *pair, tmp_path / name).exit_code == 0
 
@@ -49,7 +49,7 @@ def test_each_fallback_writes_the_same_bytes(reference, tmp_path, monkeypatch, m
             assert cli_run("merge", *pair, "-o", tmp_path / name, "-q", "--force").exit_code == 0
         monkeypatch.undo()
         for name in ("llama", "gpt2"):
-            for f in sorted((reference / name).iterdir()):
+            for f in weight_files(reference / name):
                 assert (tmp_path / name / f.name).read_bytes() == f.read_bytes()
         return
     else:

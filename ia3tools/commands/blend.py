@@ -19,6 +19,7 @@ from typing import ClassVar
 import numpy as np
 
 from ia3tools import __version__
+from ia3tools.card import blend_card
 from ia3tools.errors import BlendError, Notice
 from ia3tools.formats.adapter import CONFIG_NAME, WEIGHT_NAMES, Adapter, read_adapter, vector_key
 from ia3tools.publish import Staging, check_output_path
@@ -80,12 +81,25 @@ def blend(adapters: list[str | os.PathLike], out: str | os.PathLike, options: Bl
         }
         tensors = [_out_tensor(vector_key(m), v) for m, v in sorted(vectors.items())]
         tensors += [_out_head(a, name) for name, a in sorted(heads.items())]
+        bases = {a.config.base_model_name_or_path for a in loaded if a.config.base_model_name_or_path}
+        card = blend_card(name=out.name, base_id=bases.pop() if len(bases) == 1 else None, sources=sources,
+                          method=options.method, missing=options.missing, command=_command(paths, out, options))
         with Staging(out, options.force) as staging:
             write_safetensors(staging.path / WEIGHT_NAMES[0], tensors, metadata)
             (staging.path / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            (staging.path / "README.md").write_text(card)
             staging.publish(validate_adapter)
         return BlendReport(str(out), options.method, options.missing, sources, len(vectors), partial, sorted(heads),
                            warnings=warnings + staging.notes)
+
+
+def _command(paths: list[Path], out: Path, options: BlendOptions) -> str:
+    """The command line that makes this blend (for its model card)."""
+    parts = ["ia3tools blend", *map(str, paths), "--weights", ",".join(f"{w:g}" for w in options.weights),
+             "--method", options.method, "--missing", options.missing, "-o", str(out)]
+    if options.heads_from:
+        parts += ["--heads-from", options.heads_from]
+    return " ".join(parts)
 
 
 def _check_options(paths: list[Path], options: BlendOptions) -> None:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ia3tools.formats import open_checkpoint, read_adapter
+from ia3tools.formats.config import read_model_config
+from ia3tools.formats.hub import base_of, locate
 from ia3tools.plan import Finding, FoldPlan, build_plan
 from ia3tools.reports import Report
 
@@ -64,19 +66,29 @@ class CheckReport(Report):
     folds: list[FoldRow]
     heads: list[HeadRow]
     errors: list[Finding]
+    base_id: str | None = None  # the base's hub id, when known
 
     @property
     def ok(self) -> bool:
         return not self.errors
 
 
-def check(base: str | os.PathLike, adapter: str | os.PathLike) -> CheckReport:
-    """Plan ``adapter`` onto ``base`` from headers and vectors only. A misfit is a report with
-    ``ok`` false listing every problem; unreadable inputs raise ``Ia3Error``."""
+def check(base: str | os.PathLike | None, adapter: str | os.PathLike) -> CheckReport:
+    """Plan ``adapter`` onto ``base`` (a directory, a hub id in the local cache, or None for the
+    one the adapter names) from headers and vectors only. A misfit is a report with ``ok`` false
+    listing every problem; unreadable inputs raise ``Ia3Error``."""
     with contextlib.ExitStack() as inputs:
-        ckpt = inputs.enter_context(contextlib.closing(open_checkpoint(base)))
         ad = inputs.enter_context(contextlib.closing(read_adapter(adapter)))
-        plan = build_plan(ckpt, ad)
+        located = locate(base) if base is not None else base_of(ad.config)
+        ckpt = inputs.enter_context(contextlib.closing(open_checkpoint(located.path)))
+        plan = build_plan(ckpt, ad, base_vocab_size(ckpt))
         summary = summarise(plan)
-        return CheckReport(os.fspath(base), os.fspath(adapter), len(ad.vectors), summary.names, summary.folds,
-                           summary.heads, plan.errors, warnings=plan.warnings)
+        return CheckReport(str(located.path), os.fspath(adapter), len(ad.vectors), summary.names, summary.folds,
+                           summary.heads, plan.errors, base_id=located.hub_id, warnings=plan.warnings)
+
+
+def base_vocab_size(ckpt) -> int | None:
+    """The vocabulary size the base's config.json states (a resized embedding is checked against it)."""
+    directory = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
+    size = (read_model_config(directory) or {}).get("vocab_size")
+    return size if isinstance(size, int) and not isinstance(size, bool) else None

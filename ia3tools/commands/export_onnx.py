@@ -17,7 +17,9 @@ from typing import Callable, ClassVar
 
 from ia3tools.errors import ExportError, Notice, OptionError, require
 from ia3tools.formats import open_checkpoint
+from ia3tools.formats.adapter import read_config
 from ia3tools.formats.config import architecture, read_model_config
+from ia3tools.formats.hub import base_of, locate
 from ia3tools.formats.sentence import read_sentence_model
 from ia3tools.publish import Staging, check_output_path
 from ia3tools.reports import Report
@@ -61,21 +63,28 @@ class ExportReport(Report):
     exporter: str
     opset: int
     parity: Parity | None
+    inputs: list[str] = field(default_factory=list)  # the graph's inputs, in order
+    outputs: list[str] = field(default_factory=list)  # its outputs, in order
     files: dict[str, int] = field(default_factory=dict)  # name -> bytes
     timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds
 
 
-def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike, options: ExportOptions | None = None,
+def export_onnx(model_dir: str | os.PathLike | None, out: str | os.PathLike, options: ExportOptions | None = None,
                 adapter: str | os.PathLike | None = None, log: Callable[[str], None] | None = None) -> ExportReport:
-    """Export ``model_dir`` (merged first with ``adapter`` when given) to ``out``. Exactly the
-    weights in ``model_dir`` are exported: an adapter kept beside them is ignored (named in a
-    warning), and nothing is ever fetched over the network. ``log`` receives one line per phase."""
+    """Export ``model_dir`` (merged first with ``adapter`` when given) to ``out``. ``model_dir`` is a
+    directory, a hub id in the local cache, or None for the base ``adapter`` names. Exactly the
+    weights in it are exported: an adapter kept beside them is ignored (named in a warning), and
+    nothing is ever fetched over the network. ``log`` receives one line per phase."""
     options, log = options or ExportOptions(), log or (lambda _: None)
     # Imported up front: each is needed, and with onnxruntime loaded before the export, the exported
     # graph (and through it every weight) is released after the export; measured, not pinned down.
     for module in ("torch", "transformers", "onnx", "onnxruntime", "onnxscript"):
         require(module, "onnx", "export-onnx")
-    model_dir, out = Path(model_dir), Path(out)
+    out = Path(out)
+    if model_dir is None and adapter is None:
+        raise OptionError("give a model directory, or an adapter whose base it names")
+    located = locate(model_dir) if model_dir is not None else base_of(read_config(Path(adapter)))
+    model_dir = located.path
     sentence = read_sentence_model(model_dir)
     weights_dir = sentence.transformer_dir if sentence else model_dir
     open_checkpoint(weights_dir).close()  # strict: refuses an adapter-only directory, special files, ...
@@ -105,16 +114,37 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike, options: E
         view = weights_view(source, scratch.path / "view")
         report = _export_and_check(view, source, staging.path / "model.onnx", task, options, timings, log, out,
                                    model_dir, sentence)
-        copy_side_files(source, staging.path)
+        copy_side_files(source, staging.path, skip={"README.md"})
+        (staging.path / "README.md").write_text(_card(out, located, source, adapter, report))
         if sentence is not None:
             if weights_dir != model_dir:
-                copy_side_files(model_dir, staging.path)
+                copy_side_files(model_dir, staging.path, skip={"README.md"})
             copy_module_dirs(model_dir, staging.path, [d for d in sentence.module_dirs if model_dir / d != weights_dir])
         staging.publish(validate=validate_export)
     report.files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
     report.timings = timings
     report.warnings = warnings + staging.notes
     return report
+
+
+def _card(out: Path, located, source: Path, adapter, report: ExportReport) -> str:
+    """The export's model card: the model it was exported from, and how."""
+    from ia3tools.card import base_model_id, export_card, read_card_metadata
+
+    source_card = read_card_metadata(source)
+    if adapter is not None:
+        named = read_config(Path(adapter)).base_model_name_or_path
+        base_id, relation = base_model_id(located.hub_id, named, source_card, located.path), "finetune"
+    elif source_card.get("base_model") and "ia3tools" in (source_card.get("tags") or []):  # an ia3tools merge
+        base_id, relation = source_card["base_model"], source_card.get("base_model_relation")
+    else:
+        base_id, relation = base_model_id(located.hub_id, None, source_card, located.path), None
+    parity = "not checked" if report.parity is None else ", ".join(
+        f"{name} max abs error {_num(e.max_abs)}" for name, e in report.parity.outputs.items())
+    command = f"ia3tools export-onnx {located.path if located.hub_id is None else located.hub_id}" + (
+        f" --adapter {adapter}" if adapter else "") + f" -o {out} --task {report.task}"
+    return export_card(name=out.name, base_id=base_id, relation=relation, task=report.task,
+                       inputs=report.inputs, outputs=report.outputs, parity=parity, command=command)
 
 
 def resolve_task(name: str, model_dir: Path, adapter) -> Task:
@@ -127,8 +157,6 @@ def resolve_task(name: str, model_dir: Path, adapter) -> Task:
     arch = architecture(read_model_config(model_dir))
     task = task_of_architecture(arch) if arch else None
     if task is None and adapter is not None:
-        from ia3tools.formats.adapter import read_config
-
         task = task_of_peft(read_config(Path(adapter)).task_type)
     if task is None or task.name == "question-answering":
         raise ExportError(f"cannot tell the task (architectures: {arch or 'none'}); pass --task", path=model_dir)
@@ -201,7 +229,7 @@ def _export_and_check(view: Path, source: Path, onnx_path: Path, task: Task, opt
     del model, wrapper
     release_exporter_state()
     release_freed_memory()
-    report = ExportReport(str(out), task.optimum, exporter, options.opset, None)
+    report = ExportReport(str(out), task.optimum, exporter, options.opset, None, signature.inputs, signature.outputs)
     if options.parity:
         started = time.perf_counter()
         try:

@@ -8,10 +8,10 @@ row blocks; so memory stays flat whatever the model or shard size.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import re
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,17 +19,21 @@ from typing import ClassVar
 
 from ia3tools import __version__
 from ia3tools.assemble import Assembly, assemble
-from ia3tools.commands.check import PlanSummary, summarise
+from ia3tools.commands.check import PlanSummary, base_vocab_size, summarise
 from ia3tools.errors import OptionError
 from ia3tools.fold import make_folder
 from ia3tools.formats import open_checkpoint, read_adapter
-from ia3tools.formats.config import CONFIG_NAME, read_model_config
+from ia3tools.card import base_model_id, merge_card, read_card_metadata
+from ia3tools.errors import Notice
+from ia3tools.formats.config import read_model_config
+from ia3tools.formats.hub import base_of, locate
+from ia3tools.formats.sentence import read_sentence_model
 from ia3tools.formats.dtypes import DTYPES, FRIENDLY
-from ia3tools.model_config import retargeted_config
+from ia3tools.model_files import choose_tokenizer, merged_config, resized_vocab, write_model_files
 from ia3tools.plan import build_plan
 from ia3tools.publish import Staging, check_output_path
 from ia3tools.reports import Report, ShardRow
-from ia3tools.write import OutTensor, copy_side_files, validate_checkpoint, write_index, write_safetensors
+from ia3tools.write import OutTensor, validate_checkpoint, write_index, write_safetensors
 
 @dataclass(frozen=True)
 class MergeOptions:
@@ -43,6 +47,7 @@ class MergeOptions:
     force: bool = False
     progress: bool = False  # a progress bar on stderr (when it is a terminal)
     durable: bool = True  # fsync before publishing; False trades power-loss safety for cp-like speed
+    tokenizer_from: str | None = None  # "base" or "adapter"; None: the adapter's when it has one
 
     def __post_init__(self):
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -75,6 +80,8 @@ class MergeReport(Report):
     shards: list[ShardRow]
     bytes: int
     dry_run: bool
+    base_id: str | None = None  # the base's hub id, when known
+    tokenizer_from: str | None = None  # whose tokenizer the merged model ships: base, adapter, or none
     plan: PlanSummary | None = None  # the plan, for a dry run
     seconds: float | None = None
 
@@ -95,35 +102,47 @@ def parse_size(text: str) -> int:
     return int(value * units[unit])
 
 
-def merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike | None = None,
+def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str | os.PathLike | None = None,
           options: MergeOptions | None = None) -> MergeReport:
     """Fold ``adapter`` into ``base`` and write the merged model to ``out`` (None only for a dry
-    run). Everything is validated before a byte is written; failures raise ``Ia3Error``."""
+    run). ``base`` is a directory, a hub id in the local cache, or None for the one the adapter
+    names. Everything is validated before a byte is written; failures raise ``Ia3Error``."""
     options = options or MergeOptions()
     started = time.perf_counter()
-    base, adapter_path = Path(base), Path(adapter)
+    adapter_path = Path(adapter)
     out = Path(out) if out is not None else None
     if out is None and not options.dry_run:
         raise OptionError("no output directory given (required unless dry_run)")
     with contextlib.ExitStack() as inputs:
-        ckpt = inputs.enter_context(contextlib.closing(open_checkpoint(base)))
         ad = inputs.enter_context(contextlib.closing(read_adapter(adapter_path)))
-        plan = build_plan(ckpt, ad)
+        located = locate(base) if base is not None else base_of(ad.config)
+        base_root = located.path
+        sentence = read_sentence_model(base_root) if base_root.is_dir() else None
+        weights_dir = sentence.transformer_dir if sentence else base_root
+        ckpt = inputs.enter_context(contextlib.closing(open_checkpoint(base_root)))
+        base_config = read_model_config(weights_dir) if weights_dir.is_dir() else None  # strict, even if unused
+        vocab_size = base_vocab_size(ckpt)
+        plan = build_plan(ckpt, ad, vocab_size)
         plan.require_fit(adapter_path)
-        base_config = read_model_config(ckpt.path) if ckpt.path.is_dir() else None  # strict, even if unused
-        notes = check_output_path(out, [base, adapter_path], options.force) if out is not None else []
+        notes = check_output_path(out, [base_root, adapter_path], options.force) if out is not None else []
         folder = make_folder(options.device)
         assembly = assemble(ckpt, ad, plan, folder, _dtype_rule(options.dtype))
         layout = _layout(ckpt, assembly, options.max_shard_size)
         added = [t.shape for t in assembly.all_tensors() if t.name in assembly.added]
-        config = retargeted_config(ckpt.path, base_config, ad, plan, added)  # checked before writing
+        vocab = resized_vocab(plan, vocab_size, ckpt.tensors)
+        config = merged_config(weights_dir, base_config, ad, plan, added, options.dtype, vocab)  # before writing
+        tokenizer = choose_tokenizer(weights_dir if weights_dir.is_dir() else None, adapter_path, options.tokenizer_from)
+        if vocab and tokenizer.source != "adapter":
+            notes.append(Notice("resized-without-tokenizer", f"modules_to_save resizes the vocabulary to {vocab} "
+                                "tokens, but the adapter carries no tokenizer: the base's is shipped",
+                                file=str(adapter_path)))
         total = sum(t.nbytes for t in assembly.all_tensors())
         report = MergeReport(
-            str(out) if out is not None else None, str(base), str(adapter_path), ad.sha256(), f"ia3tools {__version__}",
-            folder.device, options.dtype or "kept", len(assembly.all_tensors()), len(assembly.folded),
-            len(assembly.replaced), len(assembly.added),
+            str(out) if out is not None else None, str(base_root), str(adapter_path), ad.sha256(),
+            f"ia3tools {__version__}", folder.device, options.dtype or "kept", len(assembly.all_tensors()),
+            len(assembly.folded), len(assembly.replaced), len(assembly.added),
             [ShardRow(n, len(ts), sum(t.nbytes for t in ts)) for n, ts in layout.items()], total, options.dry_run,
-            warnings=plan.warnings + notes)
+            base_id=located.hub_id, tokenizer_from=tokenizer.source, warnings=plan.warnings + notes)
         if options.dry_run:
             report.plan = summarise(plan)
             return report
@@ -133,16 +152,34 @@ def merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.Pat
             "ia3tools_adapter_sha256": report.adapter_sha256,
             "ia3tools_adapter": adapter_path.resolve().name,
         }
+        base_card = read_card_metadata(base_root) or read_card_metadata(weights_dir)
+        card = merge_card(name=out.name, base_id=base_model_id(located.hub_id, ad.config.base_model_name_or_path,
+                                                               base_card, base_root),
+                          base_card=base_card, adapter=adapter_path.resolve().name, adapter_sha256=report.adapter_sha256,
+                          library="sentence-transformers" if sentence else "transformers",
+                          command=_command(base, adapter_path, out, options), dtype=report.dtype,
+                          tokenizer_from=tokenizer.source)
         with Staging(out, options.force, durable=options.durable) as staging:
-            _write_weights(staging.path, layout, metadata, total, options.progress, options.durable)
-            if ckpt.path.is_dir():
-                copy_side_files(ckpt.path, staging.path)
-            if config is not None:
-                (staging.path / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            weights_out = staging.path / weights_dir.relative_to(base_root) if sentence else staging.path
+            weights_out.mkdir(parents=True, exist_ok=True)
+            _write_weights(weights_out, layout, metadata, total, options.progress, options.durable)
+            write_model_files(base_root, weights_dir, weights_out, staging.path, sentence, tokenizer, config, card)
             staging.publish(validate_checkpoint)
         report.warnings += staging.notes
         report.seconds = round(time.perf_counter() - started, 3)
         return report
+
+
+def _command(base, adapter: Path, out: Path, options: MergeOptions) -> str:
+    """The command line that makes this merge (for its model card)."""
+    parts = ["ia3tools merge", *([os.fspath(base)] if base is not None else []), os.fspath(adapter), "-o", os.fspath(out)]
+    if options.dtype:
+        parts += ["--dtype", {"F16": "fp16", "BF16": "bf16", "F32": "fp32"}.get(options.dtype, options.dtype)]
+    if options.max_shard_size:
+        parts += ["--max-shard-size", str(options.max_shard_size)]
+    if options.tokenizer_from:
+        parts += ["--tokenizer-from", options.tokenizer_from]
+    return " ".join(shlex.quote(p) if " " in p else p for p in parts)
 
 
 def _dtype_rule(dtype: str | None):

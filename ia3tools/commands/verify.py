@@ -14,7 +14,9 @@ import numpy as np
 
 from ia3tools.assemble import assemble
 from ia3tools.fold import NumpyFolder
+from ia3tools.commands.check import base_vocab_size
 from ia3tools.formats import open_checkpoint, read_adapter
+from ia3tools.formats.hub import base_of, locate
 from ia3tools.formats.dtypes import DTYPES
 from ia3tools.plan import build_plan
 from ia3tools.reports import Report
@@ -49,19 +51,22 @@ class VerifyReport(Report):
     tensors: int
     folded: int
     differences: list[Difference]
+    base_id: str | None = None  # the base's hub id, when known
 
     @property
     def ok(self) -> bool:
         return not self.differences
 
 
-def verify(base: str | os.PathLike, adapter: str | os.PathLike, merged: str | os.PathLike) -> VerifyReport:
-    """Compare ``merged`` with the merge of ``adapter`` into ``base``, streaming."""
+def verify(base: str | os.PathLike | None, adapter: str | os.PathLike, merged: str | os.PathLike) -> VerifyReport:
+    """Compare ``merged`` with the merge of ``adapter`` into ``base`` (a directory, a hub id in
+    the local cache, or None for the one the adapter names), streaming."""
     with contextlib.ExitStack() as inputs:
-        ckpt = inputs.enter_context(contextlib.closing(open_checkpoint(base)))
         ad = inputs.enter_context(contextlib.closing(read_adapter(adapter)))
+        located = locate(base) if base is not None else base_of(ad.config)
+        ckpt = inputs.enter_context(contextlib.closing(open_checkpoint(located.path)))
         out = inputs.enter_context(contextlib.closing(open_checkpoint(merged)))
-        plan = build_plan(ckpt, ad)
+        plan = build_plan(ckpt, ad, base_vocab_size(ckpt))
         plan.require_fit(adapter)
         merged_refs = out.tensors
 
@@ -86,8 +91,8 @@ def verify(base: str | os.PathLike, adapter: str | os.PathLike, merged: str | os
                     differences.append(Difference(t.name, "differs", err))
         names = {t.name for t in expected}
         differences += [Difference(n, "extra") for n in merged_refs if n not in names]
-        return VerifyReport(str(base), str(adapter), str(merged), len(expected), len(plan.by_base_tensor()),
-                            differences, warnings=plan.warnings)
+        return VerifyReport(str(located.path), str(adapter), str(merged), len(expected), len(plan.by_base_tensor()),
+                            differences, base_id=located.hub_id, warnings=plan.warnings)
 
 
 def _expected_blocks(t: OutTensor):

@@ -17,27 +17,12 @@ from pathlib import Path
 from ia3tools.errors import ExportError, require
 from ia3tools.formats import open_checkpoint
 from ia3tools.formats.dtypes import to_torch
+from ia3tools.formats.hub import offline
 from ia3tools.tasks import Task
 from ia3tools.write import ADAPTER_FILES
 
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # graph input order
 _CHUNK = 16 << 20
-
-
-@contextlib.contextmanager
-def offline():
-    """Forbid every hub access while transformers runs (``local_files_only`` is passed as well)."""
-    names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
-    saved = {n: os.environ.get(n) for n in names}
-    os.environ.update({n: "1" for n in names})
-    try:
-        yield
-    finally:
-        for n, v in saved.items():
-            if v is None:
-                os.environ.pop(n, None)
-            else:
-                os.environ[n] = v
 
 
 def weights_view(source: Path, view: Path) -> Path:

@@ -15,6 +15,7 @@ from ia3tools.formats.files import is_dir, os_reason
 from ia3tools.formats.jsonstrict import load_json_file
 from ia3tools.formats.pickled import BinFile
 from ia3tools.formats.safetensors import ByteRange, SafetensorsFile
+from ia3tools.formats.sentence import read_sentence_model
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -92,6 +93,9 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         for name in WEIGHT_NAMES:
             if os.path.lexists(path / name):
                 return open_checkpoint_file(path / name, root=path)
+        sentence = read_sentence_model(path)
+        if sentence is not None and sentence.transformer_dir != path:  # weights in 0_Transformer/
+            return open_checkpoint(sentence.transformer_dir)
         if (path / "adapter_config.json").exists():
             raise FormatError("this is an adapter directory, not a base checkpoint", path=path)
         raise FormatError(f"no weights found (looked for {', '.join(WEIGHT_NAMES)})", path=path)
