@@ -46,6 +46,11 @@ def base_model_id(hub_id: str | None, adapter_base: str | None, base_card: dict,
     return Path(base_dir).resolve().name
 
 
+def _link(model: str) -> str:
+    """A hub id as a link to its page; anything else as code."""
+    return f"[{model}](https://huggingface.co/{model})" if _HUB_ID.fullmatch(model) else f"`{model}`"
+
+
 def _render(data: dict, body: str) -> str:
     from huggingface_hub import ModelCardData
 
@@ -64,7 +69,7 @@ def merge_card(*, name: str, base_id: str, base_card: dict, adapter: str, adapte
     lines = [
         f"# {name}",
         "",
-        f"[{base_id}](https://huggingface.co/{base_id}) with the IA3 adapter `{adapter}` merged into its weights "
+        f"{_link(base_id)} with the IA3 adapter `{adapter}` merged into its weights "
         f"by ia3tools {__version__}: bit for bit what PEFT's `merge_and_unload` gives, loadable without PEFT.",
         "",
         f"- Base model: `{base_id}`",

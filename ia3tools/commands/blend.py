@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -95,11 +96,11 @@ def blend(adapters: list[str | os.PathLike], out: str | os.PathLike, options: Bl
 
 def _command(paths: list[Path], out: Path, options: BlendOptions) -> str:
     """The command line that makes this blend (for its model card)."""
-    parts = ["ia3tools blend", *map(str, paths), "--weights", ",".join(f"{w:g}" for w in options.weights),
+    parts = [*map(str, paths), "--weights", ",".join(f"{w:g}" for w in options.weights),
              "--method", options.method, "--missing", options.missing, "-o", str(out)]
     if options.heads_from:
         parts += ["--heads-from", options.heads_from]
-    return " ".join(parts)
+    return "ia3tools blend " + shlex.join(parts)
 
 
 def _check_options(paths: list[Path], options: BlendOptions) -> None:

@@ -141,8 +141,11 @@ def _card(out: Path, located, source: Path, adapter, report: ExportReport) -> st
         base_id, relation = base_model_id(located.hub_id, None, source_card, located.path), None
     parity = "not checked" if report.parity is None else ", ".join(
         f"{name} max abs error {_num(e.max_abs)}" for name, e in report.parity.outputs.items())
-    command = f"ia3tools export-onnx {located.path if located.hub_id is None else located.hub_id}" + (
-        f" --adapter {adapter}" if adapter else "") + f" -o {out} --task {report.task}"
+    import shlex
+
+    args = [str(located.hub_id or located.path), *(["--adapter", str(adapter)] if adapter else []),
+            "-o", str(out), "--task", report.task]
+    command = "ia3tools export-onnx " + shlex.join(args)
     return export_card(name=out.name, base_id=base_id, relation=relation, task=report.task,
                        inputs=report.inputs, outputs=report.outputs, parity=parity, command=command)
 

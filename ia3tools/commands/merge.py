@@ -172,14 +172,14 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
 
 def _command(base, adapter: Path, out: Path, options: MergeOptions) -> str:
     """The command line that makes this merge (for its model card)."""
-    parts = ["ia3tools merge", *([os.fspath(base)] if base is not None else []), os.fspath(adapter), "-o", os.fspath(out)]
+    parts = [*([os.fspath(base)] if base is not None else []), os.fspath(adapter), "-o", os.fspath(out)]
     if options.dtype:
         parts += ["--dtype", {"F16": "fp16", "BF16": "bf16", "F32": "fp32"}.get(options.dtype, options.dtype)]
     if options.max_shard_size:
         parts += ["--max-shard-size", str(options.max_shard_size)]
     if options.tokenizer_from:
         parts += ["--tokenizer-from", options.tokenizer_from]
-    return " ".join(shlex.quote(p) if " " in p else p for p in parts)
+    return "ia3tools merge " + shlex.join(parts)
 
 
 def _dtype_rule(dtype: str | None):
