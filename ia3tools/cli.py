@@ -251,10 +251,17 @@ def _task_names() -> list[str]:
 @click.option("--atol", type=click.FloatRange(min=0), default=1e-4, show_default=True,
               help="Largest absolute parity error accepted.")
 @click.option("--no-parity", is_flag=True, help="Skip the onnxruntime parity check (not recommended).")
+@click.option("--with-past", is_flag=True,
+              help="A text-generation graph with a KV cache (past_key_values in, present out), for generation.")
+@click.option("--dtype", "export_dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="fp16: weights stored in float16 (half the bytes), computed in float32.")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None,
+              help="int8: onnxruntime's dynamic quantization of every weight matrix and embedding.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory (atomically).")
 @common_options
 @runs("export-onnx", _render("export"))
-def export_onnx_cmd(model_dir, adapter, out, task, opset, atol, no_parity, force, quiet):
+def export_onnx_cmd(model_dir, adapter, out, task, opset, atol, no_parity, with_past, export_dtype, quantize, force,
+                    quiet):
     """Export a merged model (or MODEL_DIR + --adapter, merged first) to ONNX.
 
     MODEL_DIR may be a hub id in the local cache, or left out with --adapter for the base the
@@ -263,7 +270,8 @@ def export_onnx_cmd(model_dir, adapter, out, task, opset, atol, no_parity, force
     """
     if model_dir is None and adapter is None:
         raise click.UsageError("missing argument MODEL_DIR (it may be left out only with --adapter)")
-    options = ia3tools.ExportOptions(task=task, opset=opset, atol=atol, parity=not no_parity, force=force)
+    options = ia3tools.ExportOptions(task=task, opset=opset, atol=atol, parity=not no_parity, force=force,
+                                     with_past=with_past, dtype=export_dtype, quantize=quantize)
     return ia3tools.export_onnx(model_dir, out, options, adapter=adapter, log=_progress(quiet))
 
 

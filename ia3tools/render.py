@@ -143,13 +143,24 @@ def render_blend(r) -> tuple[str, str | None]:
 
 def render_export(r) -> tuple[str, str | None]:
     size = human_bytes(sum(r.files.values()))
-    lines = [f"exported {r.task} -> {r.output} ({r.exporter} exporter, opset {r.opset}, {size})"]
+    kind = ", ".join(filter(None, ["with past" if r.with_past else "", r.dtype if r.dtype != "fp32" else "",
+                                   r.quantize or ""]))
+    lines = [f"exported {r.task}{f' ({kind})' if kind else ''} -> {r.output} ({r.exporter} exporter, opset {r.opset}, "
+             f"{size})"]
+    if r.dtype != "fp32" or r.quantize:
+        lines.append(f"weights: {human_bytes(r.weights_bytes)}, {r.size_ratio:.2f}x the float32 "
+                     f"{human_bytes(r.float32_weights_bytes)}")
     if r.parity:
         p = r.parity
         shapes = ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in p.inputs.items())
-        for name, errors in p.outputs.items():
-            lines.append(f"parity: {name} max abs error {errors.max_abs:.3g}, max rel error {errors.max_rel:.3g} "
+        for name, e in p.outputs.items():
+            extra = "" if e.top1 is None or (r.dtype == "fp32" and not r.quantize) else f", top-1 agreement {e.top1:.1%}"
+            lines.append(f"parity: {name} max abs error {e.max_abs:.3g}, max rel error {e.max_rel:.3g}{extra} "
                          f"(atol {p.atol:g}) on {shapes}")
+        if p.generation:
+            g = p.generation
+            lines.append(f"generation: {g.new_tokens} greedy tokens for {g.batch} prompts (one left-padded): "
+                         f"{'equal to' if g.tokens_equal else 'differ from'} transformers' generate")
     else:
         lines.append("parity: not checked (--no-parity)")
     return "", printable_lines(lines)

@@ -63,8 +63,17 @@ def test_every_input_is_dynamic_and_parity_feeds_every_input(bert_with_tokenizer
     from ia3tools.exporting import parity
 
     fed = []
-    real = parity.run_onnx
-    monkeypatch.setattr(parity, "run_onnx", lambda path, feeds: fed.append(feeds) or real(path, feeds))
+    real = parity.session
+
+    class Recording:
+        def __init__(self, path):
+            self.inner = real(path)
+
+        def run(self, names, feeds):
+            fed.append(feeds)
+            return self.inner.run(names, feeds)
+
+    monkeypatch.setattr(parity, "session", Recording)
     base, adapter = bert_with_tokenizer
     out = tmp_path / "onnx"
     assert cli_run("export-onnx", base, "--adapter", adapter, "-o", out, "-q").exit_code == 0

@@ -22,6 +22,7 @@ from ia3tools.formats.config import architecture, read_model_config
 from ia3tools.formats.hub import base_of, locate
 from ia3tools.formats.sentence import read_sentence_model
 from ia3tools.publish import Staging, check_output_path
+from ia3tools.exporting.parity import Parity
 from ia3tools.reports import Report
 from ia3tools.tasks import Task, export_task_names, task_named, task_of_architecture, task_of_peft
 from ia3tools.write import ADAPTER_FILES, copy_module_dirs, copy_side_files
@@ -31,28 +32,20 @@ from ia3tools.write import ADAPTER_FILES, copy_module_dirs, copy_side_files
 class ExportOptions:
     task: str = "auto"  # auto, or a task name (optimum's or ia3tools' own; see tasks.py)
     opset: int = 18
-    atol: float = 1e-4  # the largest absolute parity error accepted
+    atol: float = 1e-4  # the largest absolute parity error accepted (float32 exports)
     parity: bool = True
     force: bool = False
+    with_past: bool = False  # a causal LM with a KV cache, for generation
+    dtype: str = "fp32"  # fp32, or fp16 (weights stored in fp16, computed in fp32)
+    quantize: str | None = None  # None or "int8" (onnxruntime's dynamic quantization)
 
     def __post_init__(self):
         if self.task != "auto" and task_named(self.task) is None:
             raise OptionError(f"unknown task {self.task!r}; one of auto, {', '.join(export_task_names())}")
-
-
-@dataclass(frozen=True)
-class ErrorStats:
-    max_abs: float | None  # None: not finite (or shapes differ, see note)
-    max_rel: float | None  # max_abs / max |torch output|
-    note: str | None = None
-
-
-@dataclass
-class Parity:
-    outputs: dict[str, ErrorStats]
-    atol: float
-    passed: bool
-    inputs: dict[str, list[int]]  # the shapes fed
+        if self.dtype not in ("fp32", "fp16"):
+            raise OptionError(f"dtype {self.dtype!r}: expected fp32 or fp16")
+        if self.quantize not in (None, "int8"):
+            raise OptionError(f"quantize {self.quantize!r}: expected int8")
 
 
 @dataclass
@@ -65,6 +58,12 @@ class ExportReport(Report):
     parity: Parity | None
     inputs: list[str] = field(default_factory=list)  # the graph's inputs, in order
     outputs: list[str] = field(default_factory=list)  # its outputs, in order
+    with_past: bool = False
+    dtype: str = "fp32"
+    quantize: str | None = None
+    weights_bytes: int = 0  # of model.onnx.data
+    float32_weights_bytes: int = 0  # of the float32 weights before conversion
+    size_ratio: float = 1.0  # weights_bytes / float32_weights_bytes
     files: dict[str, int] = field(default_factory=dict)  # name -> bytes
     timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds
 
@@ -105,15 +104,21 @@ def export_onnx(model_dir: str | os.PathLike | None, out: str | os.PathLike, opt
             started = time.perf_counter()
             source = scratch.path / "merged"
             merge(weights_dir, adapter, source, MergeOptions(durable=False))  # temporary: no fsync needed
-            timings["merge_s"] = _since(started)
+            timings["merge_s"] = round(time.perf_counter() - started, 2)
             log(f"merged {adapter} into {weights_dir} in {timings['merge_s']} s")
         task = resolve_task(options.task, source, adapter)
-        from ia3tools.exporting.graph import validate_export
+        from ia3tools.exporting.graph import DATA_FILE, validate_export
         from ia3tools.exporting.model import weights_view
+        from ia3tools.exporting.pipeline import run_export
 
         view = weights_view(source, scratch.path / "view")
-        report = _export_and_check(view, source, staging.path / "model.onnx", task, options, timings, log, out,
-                                   model_dir, sentence)
+        done = run_export(view, source, staging.path / "model.onnx", scratch.path / "work", task, options, log, out,
+                          model_dir, sentence)
+        weights = (staging.path / DATA_FILE).stat().st_size
+        report = ExportReport(str(out), task.optimum, done.exporter, options.opset, done.parity, done.inputs,
+                              done.outputs, options.with_past, options.dtype, options.quantize, weights,
+                              done.float32_weights_bytes, round(weights / max(1, done.float32_weights_bytes), 4))
+        timings.update(done.timings)
         copy_side_files(source, staging.path, skip={"README.md"})
         (staging.path / "README.md").write_text(_card(out, located, source, adapter, report))
         if sentence is not None:
@@ -140,7 +145,9 @@ def _card(out: Path, located, source: Path, adapter, report: ExportReport) -> st
     else:
         base_id, relation = base_model_id(located.hub_id, None, source_card, located.path), None
     parity = "not checked" if report.parity is None else ", ".join(
-        f"{name} max abs error {_num(e.max_abs)}" for name, e in report.parity.outputs.items())
+        f"{name} max abs error {'inf' if e.max_abs is None else f'{e.max_abs:.3g}'}" + (
+            f", top-1 agreement {e.top1:.1%}" if e.top1 is not None and report.dtype + str(report.quantize) != "fp32None"
+            else "") for name, e in report.parity.outputs.items())
     import shlex
 
     args = [str(located.hub_id or located.path), *(["--adapter", str(adapter)] if adapter else []),
@@ -164,108 +171,3 @@ def resolve_task(name: str, model_dir: Path, adapter) -> Task:
     if task is None or task.name == "question-answering":
         raise ExportError(f"cannot tell the task (architectures: {arch or 'none'}); pass --task", path=model_dir)
     return task
-
-
-def _since(started: float) -> float:
-    return round(time.perf_counter() - started, 2)
-
-
-def _signature(model, task: Task, view: Path, sentence, shown: Path):
-    """The graph's inputs (as the tokenizer gives them) and outputs (``sentence_embedding`` too for
-    a sentence-transformers model exported for feature extraction)."""
-    from ia3tools.exporting.graph import Signature
-    from ia3tools.exporting.model import text_input_names
-
-    if task.inputs == "image":
-        return Signature(["pixel_values"], [task.output]), "the architecture"
-    names, origin = text_input_names(model, view)
-    if task.inputs == "seq2seq":
-        names.append("decoder_input_ids")
-    if sentence is None or task.name != "feature-extraction" or sentence.pooling is None:
-        return Signature(names, [task.output]), origin
-    other = [m for m in sentence.modules[1:] if m.kind not in ("Pooling", "Normalize")]
-    if other:
-        raise ExportError(f"sentence-transformers module {other[0].path or other[0].name} ({other[0].kind}) cannot "
-                          "be exported: only Pooling and Normalize follow the Transformer", path=shown / "modules.json")
-    if "attention_mask" not in names:
-        raise ExportError("pooling needs the attention mask, which this model's inputs lack", path=shown)
-    return Signature(names, [task.output, "sentence_embedding"], sentence.pooling, sentence.normalize), origin
-
-
-def _export_and_check(view: Path, source: Path, onnx_path: Path, task: Task, options: ExportOptions, timings, log,
-                      out: Path, shown: Path, sentence) -> ExportReport:
-    """Load, export, save into ``onnx_path`` (in staging) and prove it, timing and logging each
-    phase; errors name ``out``, the path the user gave, or ``shown``, the model directory."""
-    import torch
-
-    from ia3tools.exporting.graph import example_inputs, export_graph, release_exporter_state, wrap, write_model
-    from ia3tools.exporting.model import load_model
-    from ia3tools.exporting.parity import compare, run_onnx
-
-    started = time.perf_counter()
-    model = load_model(view, source, task, shown)
-    signature, origin = _signature(model, task, view, sentence, shown)
-    wrapper = wrap(model, signature)
-    # batch >= 2 and length >= 2, or the exporter fixes the axis to the example's size
-    export_in, _ = example_inputs(model, signature, 2, 8, pad=False, seed=0)
-    parity_in, mask = example_inputs(model, signature, 3, 5, pad=True, seed=1)
-    with torch.no_grad():
-        reference = wrapper(*[parity_in[n] for n in signature.inputs])
-    reference = [r.numpy() for r in (reference if isinstance(reference, tuple) else (reference,))]
-    timings["load_s"] = _since(started)
-    log(f"loaded {task.optimum} in {timings['load_s']} s; inputs {', '.join(signature.inputs)} (from {origin})")
-    started = time.perf_counter()
-    exporter, program = export_graph(wrapper, signature, export_in, onnx_path, options.opset, log)
-    timings["export_s"] = _since(started)
-    log(f"exported with the {exporter} exporter (opset {options.opset}) in {timings['export_s']} s")
-    if program is not None:
-        started = time.perf_counter()
-        write_model(program.model, onnx_path)
-        del program
-        timings["save_s"] = _since(started)
-        log(f"saved {onnx_path.name} and its data in {timings['save_s']} s")
-    # Free the weights before onnxruntime loads the export: empty every tensor in place, so that no
-    # reference the exporter keeps to the model (its rewriters remember the last graph) keeps them.
-    with torch.no_grad():
-        for tensor in [*model.parameters(), *model.buffers()]:
-            tensor.data = torch.empty(0, dtype=tensor.dtype)
-    del model, wrapper
-    release_exporter_state()
-    release_freed_memory()
-    report = ExportReport(str(out), task.optimum, exporter, options.opset, None, signature.inputs, signature.outputs)
-    if options.parity:
-        started = time.perf_counter()
-        try:
-            got = run_onnx(onnx_path, {k: v.numpy() for k, v in parity_in.items()})
-        except Exception as exc:  # onnxruntime's errors (Fail, InvalidGraph, ...) share no base class
-            hint = "; try --opset 18" if options.opset != 18 else ""
-            raise ExportError(f"onnxruntime cannot run the export: {str(exc).strip().splitlines()[0]}{hint}; "
-                              "nothing was published", path=out, code="onnxruntime") from None
-        errors = {name: ErrorStats(**compare(ref, g, mask)) for name, ref, g in zip(signature.outputs, reference, got)}
-        timings["parity_s"] = _since(started)
-        worst_name, worst = max(errors.items(), key=lambda kv: float("inf") if kv[1].max_abs is None else kv[1].max_abs)
-        passed = all(e.max_abs is not None and e.max_abs <= options.atol for e in errors.values())
-        report.parity = Parity(errors, options.atol, passed, {k: list(v.shape) for k, v in parity_in.items()})
-        log(f"parity on {report.parity.inputs} in {timings['parity_s']} s: max abs error {_num(worst.max_abs)} "
-            f"({worst_name}), atol {options.atol:g}")
-        if not passed:
-            raise ExportError(f"parity check failed: max abs error {_num(worst.max_abs)} on {worst_name} exceeds "
-                              f"--atol {options.atol:g}; nothing was published", path=out, code="parity-failed")
-    return report
-
-
-def release_freed_memory() -> None:
-    """Hand memory freed by the process back to the system (glibc keeps freed blocks below its
-    mmap threshold, about half of a model's weights, in its heap otherwise)."""
-    import ctypes
-    import sys
-
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc (musl): nothing to trim
-            pass
-
-
-def _num(x: float | None) -> str:
-    return "inf" if x is None else f"{x:.3g}"

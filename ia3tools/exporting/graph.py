@@ -17,12 +17,22 @@ DATA_FILE = "model.onnx.data"
 
 
 class Signature:
-    """What the graph takes and returns: input names in order, output names, and the
-    sentence-transformers pooling that adds ``sentence_embedding`` (None for none)."""
+    """What the graph takes and returns: input names in order, output names, the
+    sentence-transformers pooling that adds ``sentence_embedding`` (None for none), and each
+    input's dynamic axes (by default batch and sequence, as its name implies)."""
 
     def __init__(self, inputs: list[str], outputs: list[str], pooling: tuple[str, ...] | None = None,
-                 normalize: bool = False):
+                 normalize: bool = False, axes: dict[str, dict[int, str]] | None = None):
         self.inputs, self.outputs, self.pooling, self.normalize = inputs, outputs, pooling, normalize
+        self.axes = axes or {name: _default_axes(name) for name in inputs}
+
+
+def _default_axes(name: str) -> dict[int, str]:
+    if name == "pixel_values":
+        return {0: "batch"}
+    if name == "decoder_input_ids":
+        return {0: "batch", 1: "decoder_sequence"}
+    return {0: "batch", 1: "sequence"}
 
 
 def wrap(model, signature: Signature):
@@ -75,25 +85,16 @@ def example_inputs(model, signature: Signature, batch: int, length: int, pad: bo
 
 
 def _dims(signature: Signature):
-    """Dynamic dims: (torch.export shapes, TorchScript axis names)."""
+    """Dynamic dims: (torch.export shapes, one Dim per axis name; TorchScript axis names)."""
     import torch
 
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    decoder = torch.export.Dim("decoder_sequence")
-    shapes, axes = [], {}
-    for name in signature.inputs:
-        if name == "pixel_values":
-            shapes.append({0: batch})
-            axes[name] = {0: "batch"}
-        elif name == "decoder_input_ids":
-            shapes.append({0: batch, 1: decoder})
-            axes[name] = {0: "batch", 1: "decoder_sequence"}
-        else:
-            shapes.append({0: batch, 1: seq})
-            axes[name] = {0: "batch", 1: "sequence"}
+    dims: dict[str, object] = {}
+    shapes = tuple({axis: dims.setdefault(dim, torch.export.Dim(dim)) for axis, dim in signature.axes[name].items()}
+                   for name in signature.inputs)
+    axes = dict(signature.axes)
     for name in signature.outputs:
-        axes[name] = {0: "batch"}
-    return (tuple(shapes),), axes
+        axes.setdefault(name, {0: "batch"})
+    return (shapes,), axes
 
 
 def export_graph(wrapper, signature: Signature, inputs: dict, path: Path, opset: int, log):
@@ -177,7 +178,11 @@ def write_model(model, path: Path) -> None:
         for graph in model.graphs():
             for name, value in graph.initializers.items():
                 tensor = value.const_value
-                if tensor is None or tensor.nbytes <= INLINE_BYTES:
+                if tensor is None:
+                    continue
+                if tensor.nbytes <= INLINE_BYTES:
+                    if not isinstance(tensor, ir.Tensor):  # external (a loaded model's) or lazy: inline it
+                        value.const_value = ir.tensor(tensor.numpy(), name=name)
                     continue
                 if tensor.nbytes > (1 << 20):
                     offset = -(-offset // ALIGN_BYTES) * ALIGN_BYTES
