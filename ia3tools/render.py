@@ -153,10 +153,13 @@ def render_export(r) -> tuple[str, str | None]:
     if r.parity:
         p = r.parity
         shapes = ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in p.inputs.items())
+        exact = r.dtype == "fp32" and not r.quantize
         for name, e in p.outputs.items():
-            extra = "" if e.top1 is None or (r.dtype == "fp32" and not r.quantize) else f", top-1 agreement {e.top1:.1%}"
-            lines.append(f"parity: {name} max abs error {e.max_abs:.3g}, max rel error {e.max_rel:.3g}{extra} "
-                         f"(atol {p.atol:g}) on {shapes}")
+            extra = "" if e.top1 is None or exact else f", top-1 agreement {e.top1:.1%}"
+            if not exact and e.top1 is None and e.cosine is not None:
+                extra = f", cosine {e.cosine:.4f}"
+            lines.append(f"parity: {name} max abs error {e.max_abs:.3g}, max rel error {e.max_rel:.3g}{extra}"
+                         f"{f' (atol {p.atol:g})' if exact else ''} on {shapes}")
         if p.generation:
             g = p.generation
             lines.append(f"generation: {g.new_tokens} greedy tokens for {g.batch} prompts (one left-padded): "

@@ -103,8 +103,14 @@ def to_fp16(model) -> int:
 
 def quantize_int8(source: Path, target: Path) -> None:
     """onnxruntime's dynamic int8 quantization of the model at ``source`` into ``target``."""
+    import logging
+
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(source), str(target), op_types_to_quantize=["MatMul", "Gather"], per_channel=True,
-                     weight_type=QuantType.QInt8, use_external_data_format=True,
-                     extra_options={"MatMulConstBOnly": True})
+    logging.disable(logging.WARNING)  # its advice to pre-process, on the root logger, would reach stderr
+    try:
+        quantize_dynamic(str(source), str(target), op_types_to_quantize=["MatMul", "Gather"], per_channel=True,
+                         weight_type=QuantType.QInt8, use_external_data_format=True,
+                         extra_options={"MatMulConstBOnly": True})
+    finally:
+        logging.disable(logging.NOTSET)

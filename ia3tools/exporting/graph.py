@@ -213,9 +213,11 @@ def _write_array(fd: int, array, offset: int, staging) -> int:
     import numpy as np
     import torch
 
-    from ia3tools.formats.files import pwrite
-
-    t = torch.from_numpy(array) if isinstance(array, np.ndarray) else array
+    if isinstance(array, np.ndarray) and array.flags.c_contiguous:  # a loaded model's tensors: as they are
+        return _pwrite_view(fd, memoryview(array.reshape(-1).view(np.uint8)), offset)
+    with warnings.catch_warnings():  # a read-only (memory-mapped) array is only read here
+        warnings.simplefilter("ignore")
+        t = torch.from_numpy(array) if isinstance(array, np.ndarray) else array
     if t.dim() == 0:
         t = t.reshape(1)
     row = t[0].numel() * t.element_size()
@@ -227,11 +229,19 @@ def _write_array(fd: int, array, offset: int, staging) -> int:
             gathered = staging[: block.numel() * t.element_size()].view(t.dtype).view(block.shape)
             gathered.copy_(block)
             block = gathered
-        view = memoryview(block.contiguous().view(torch.uint8).numpy()).cast("B")
-        while view:
-            n = pwrite(fd, view, offset + written)
-            view, written = view[n:], written + n
+        written += _pwrite_view(fd, memoryview(block.contiguous().view(torch.uint8).numpy()).cast("B"),
+                                offset + written)
     return written
+
+
+def _pwrite_view(fd: int, view, offset: int) -> int:
+    from ia3tools.formats.files import pwrite
+
+    total = len(view)
+    while view:
+        n = pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+    return total
 
 
 def validate_export(directory: Path) -> None:
