@@ -1,5 +1,6 @@
 """ia3tools: inspect, check, merge, verify and blend PEFT IA3 adapters offline, on saved
-checkpoints, and export merged models to ONNX.
+checkpoints, extract them back from merged models, diff checkpoints, and export merged models to
+ONNX.
 
 The Python API is what the command line runs::
 
@@ -27,20 +28,24 @@ _API = {
     "merge": "ia3tools.commands.merge", "MergeOptions": "ia3tools.commands.merge", "MergeReport": "ia3tools.commands.merge",
     "verify": "ia3tools.commands.verify", "VerifyReport": "ia3tools.commands.verify",
     "blend": "ia3tools.commands.blend", "BlendOptions": "ia3tools.commands.blend", "BlendReport": "ia3tools.commands.blend",
+    "extract": "ia3tools.commands.extract", "ExtractOptions": "ia3tools.commands.extract",
+    "ExtractReport": "ia3tools.commands.extract",
+    "diff": "ia3tools.commands.diff", "DiffReport": "ia3tools.commands.diff",
     "export_onnx": "ia3tools.commands.export_onnx", "ExportOptions": "ia3tools.commands.export_onnx",
     "ExportReport": "ia3tools.commands.export_onnx",
     "Report": "ia3tools.reports", "Notice": "ia3tools.errors",
     "Ia3Error": "ia3tools.errors", "FormatError": "ia3tools.errors", "AdapterError": "ia3tools.errors",
     "PlanError": "ia3tools.errors", "FoldError": "ia3tools.errors", "OutputError": "ia3tools.errors",
-    "BlendError": "ia3tools.errors", "ExportError": "ia3tools.errors", "OptionError": "ia3tools.errors",
+    "BlendError": "ia3tools.errors", "ExportError": "ia3tools.errors", "ExtractError": "ia3tools.errors", "OptionError": "ia3tools.errors",
     "MissingDependency": "ia3tools.errors",
 }
 
 __all__ = [  # = sorted(_API), spelt out for static tools
     "AdapterError", "AdapterInspection", "BlendError", "BlendOptions", "BlendReport", "CheckReport",
-    "CheckpointInspection", "ExportError", "ExportOptions", "ExportReport", "FoldError", "FormatError", "Ia3Error",
-    "MergeOptions", "MergeReport", "MissingDependency", "Notice", "OptionError", "OutputError", "PlanError",
-    "Report", "VerifyReport", "__version__", "blend", "check", "export_onnx", "inspect", "merge", "verify",
+    "CheckpointInspection", "DiffReport", "ExportError", "ExportOptions", "ExportReport", "ExtractError",
+    "ExtractOptions", "ExtractReport", "FoldError", "FormatError", "Ia3Error", "MergeOptions", "MergeReport",
+    "MissingDependency", "Notice", "OptionError", "OutputError", "PlanError", "Report", "VerifyReport",
+    "__version__", "blend", "check", "diff", "export_onnx", "extract", "inspect", "merge", "verify",
 ]
 
 
@@ -59,10 +64,12 @@ def __dir__():
 if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
     from ia3tools.commands.blend import BlendOptions, BlendReport, blend
     from ia3tools.commands.check import CheckReport, check
+    from ia3tools.commands.diff import DiffReport, diff
     from ia3tools.commands.export_onnx import ExportOptions, ExportReport, export_onnx
+    from ia3tools.commands.extract import ExtractOptions, ExtractReport, extract
     from ia3tools.commands.inspect import AdapterInspection, CheckpointInspection, inspect
     from ia3tools.commands.merge import MergeOptions, MergeReport, merge
     from ia3tools.commands.verify import VerifyReport, verify
-    from ia3tools.errors import (AdapterError, BlendError, ExportError, FoldError, FormatError, Ia3Error,
-                                 MissingDependency, Notice, OptionError, OutputError, PlanError)
+    from ia3tools.errors import (AdapterError, BlendError, ExportError, ExtractError, FoldError, FormatError,
+                                 Ia3Error, MissingDependency, Notice, OptionError, OutputError, PlanError)
     from ia3tools.reports import Report

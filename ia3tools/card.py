@@ -117,3 +117,20 @@ def export_card(*, name: str, base_id: str, relation: str | None, task: str, inp
         f"- Made by: `{command}`",
     ]
     return _render(data, "\n".join(lines))
+
+
+def extract_card(*, name: str, base_id: str, merged: str, modules: int, heads: list[str], command: str) -> str:
+    data = {"base_model": base_id, "base_model_relation": "adapter", "library_name": "peft",
+            "tags": _tags("extract")}
+    lines = [
+        f"# {name}",
+        "",
+        f"An IA3 adapter extracted by ia3tools {__version__} from `{merged}`, a merge of {_link(base_id)}: "
+        f"{modules} vectors" + (f" and the modules_to_save {', '.join(f'`{h}`' for h in heads)}" if heads else "") + ".",
+        "",
+        f"`ia3tools merge {base_id} {name}` reproduces the merged model's tensors bit for bit. Vectors are the "
+        "float32 values that do, not necessarily the adapter the merge was made from.",
+        "",
+        f"Made by: `{command}`",
+    ]
+    return _render(data, "\n".join(lines))

@@ -4,7 +4,7 @@ rendering out.
 Streams: the result goes to stdout; warnings, progress and errors to stderr. ``--json`` prints the
 report's envelope (``report.to_json()``, see docs/schema.json) on stdout, failures included, and
 ``-q`` leaves out progress and summaries, never results or errors. A failure is one line,
-``Error: <file>: <what>``, with exit 1; a misfit (check) or a difference (verify) exits 1 too;
+``Error: <file>: <what>``, with exit 1; a misfit (check) or a difference (verify, diff) exits 1 too;
 usage errors keep click's exit 2; SIGINT, SIGTERM and SIGHUP exit 128 + the signal.
 """
 
@@ -232,6 +232,38 @@ def blend_cmd(adapters, weights, out, method, missing, heads_from, force, quiet)
         raise click.UsageError(f"{len(adapters)} adapters but {len(values)} weights: give one weight per adapter")
     options = ia3tools.BlendOptions(tuple(values), method, missing, heads_from, force)
     return ia3tools.blend(list(adapters), out, options)
+
+
+@cli.command("extract")
+@click.argument("base")
+@click.argument("merged")
+@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Adapter directory to create.")
+@click.option("--force", is_flag=True, help="Replace an existing output directory (atomically).")
+@common_options
+@runs("extract", _render("extract"))
+def extract_cmd(base, merged, out, force, quiet):
+    """Recover the IA3 adapter that turns BASE into MERGED, exactly.
+
+    `ia3tools merge BASE ADAPTER` then reproduces MERGED's tensors bit for bit. Orientation and
+    layout are read from the data; a change no IA3 fold explains is refused, naming the tensor.
+    BASE and MERGED may be hub ids in the local cache.
+    """
+    return ia3tools.extract(base, merged, out, ia3tools.ExtractOptions(force=force))
+
+
+@cli.command("diff")
+@click.argument("a")
+@click.argument("b")
+@common_options
+@runs("diff", _render("diff"))
+def diff_cmd(a, b, quiet):
+    """Show what differs between checkpoints (or adapters) A and B, tensor by tensor.
+
+    Streams both; identical tensors are compared as bytes. Lists one-sided tensors, dtype or
+    shape changes, changed tensors (differing elements, max abs and rel difference), and metadata
+    and config keys that differ. Exit 0 when identical, 1 when not.
+    """
+    return ia3tools.diff(a, b)
 
 
 def _task_names() -> list[str]:

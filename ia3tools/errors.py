@@ -111,6 +111,13 @@ class ExportError(Ia3Error):
     code = "export"
 
 
+class ExtractError(Ia3Error):
+    """The merged checkpoint is not the base with an IA3 adapter folded in (names, dtypes or shapes
+    changed, a change no fold explains, non-finite values)."""
+
+    code = "extract"
+
+
 class OptionError(Ia3Error):
     """An option of the Python API has a value it cannot take (the command line checks its own)."""
 

@@ -79,9 +79,10 @@ class NumpyFolder:
         return np.frombuffer(raw, dtype=DTYPES[dtype].numpy).reshape(shape)
 
     def fold(self, raw: bytes, dtype: str, shape: tuple[int, ...], scale: np.ndarray | None,
-             out_dtype: str | None = None) -> memoryview:
+             out_dtype: str | None = None, *, finite: bool = True) -> memoryview:
         """``raw`` (``dtype``, ``shape``) cast to ``out_dtype``, then times ``scale`` in float32 and
-        cast back; ``scale`` None only converts."""
+        cast back; ``scale`` None only converts. ``finite`` raises ``NonFinite`` when the result
+        holds inf or NaN."""
         out_dtype = out_dtype or dtype
         if not len(raw):  # an empty tensor (a zero dimension) folds to nothing
             return memoryview(b"")
@@ -100,7 +101,8 @@ class NumpyFolder:
             with np.errstate(over="ignore", invalid="ignore"):  # counted below, reported by name
                 np.multiply(wide, block_scale(scale, lo, n), out=wide)
                 np.copyto(y[lo : lo + n], wide, casting="unsafe")  # the one cast, round to nearest even
-            bad += _non_finite(y[lo : lo + n], out_dtype)
+            if finite:
+                bad += _non_finite(y[lo : lo + n], out_dtype)
         if bad:
             raise NonFinite(bad)
         return _as_bytes(y)

@@ -5,6 +5,8 @@ the summary line that ``--quiet`` leaves out."""
 
 from __future__ import annotations
 
+import json
+
 from ia3tools.errors import printable
 
 
@@ -167,3 +169,42 @@ def render_export(r) -> tuple[str, str | None]:
     else:
         lines.append("parity: not checked (--no-parity)")
     return "", printable_lines(lines)
+
+
+def render_extract(r) -> tuple[str, str | None]:
+    outputs = sum(m.scales == "outputs" for m in r.modules)
+    heads = f", modules_to_save: {', '.join(r.heads)}" if r.heads else ""
+    decided = {}
+    for m in r.modules:
+        if m.decided_by != "data":
+            decided[m.decided_by] = decided.get(m.decided_by, 0) + 1
+    how = "; orientation of modules that fit both ways chosen by " + ", ".join(
+        f"{k} ({v})" for k, v in sorted(decided.items())) if decided else ""
+    return "", printable(f"extracted {len(r.modules)} vectors ({outputs} scale outputs, {len(r.modules) - outputs} "
+                         f"inputs){heads} from {r.changed} changed tensors of {r.tensors} -> {r.output}{how}")
+
+
+def _value(v) -> str:
+    from ia3tools.commands.diff import ABSENT
+
+    return ABSENT if v == ABSENT else json.dumps(v, sort_keys=True)
+
+
+def render_diff(r) -> tuple[str, str | None]:
+    lines = []
+    for d in r.differences:
+        if d.problem == "values":
+            size = "" if d.max_abs is None else f" (max abs {d.max_abs:.6g}, max rel {d.max_rel:.3g})"
+            lines.append(f"differs: {d.tensor}: {d.elements} of {d.total} elements{size}")
+        elif d.problem == "dtype-or-shape":
+            lines.append(f"dtype or shape: {d.tensor}: {d.a[0]} {d.a[1]} -> {d.b[0]} {d.b[1]}")
+        else:
+            side = d.a or d.b
+            lines.append(f"only in {d.problem[-1].upper()}: {d.tensor} ({side[0]} {side[1]})")
+    lines += [f"{k.where}: {k.key}: {_value(k.a)} -> {_value(k.b)}" for k in r.keys]
+    if r.ok:
+        summary = f"identical: {r.identical} tensors, metadata and config"
+    else:
+        summary = (f"not identical: {len(r.differences)} tensor(s) differ or are one-sided, {r.identical} identical; "
+                   f"{len(r.keys)} metadata or config key(s) differ")
+    return printable_lines(lines), summary

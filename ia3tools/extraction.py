@@ -1,0 +1,179 @@
+"""Recovering one module's IA3 vector from a base tensor and its merged counterpart, streaming.
+
+An orientation is the weight axis the vector runs along and whether the bias is scaled with it:
+outputs (rows of a Linear, columns of GPT-2's transposed Conv1D, output channels; bias scaled) or
+inputs (columns of a Linear, rows of a Conv1D, input channels; bias untouched), as
+``ia3tools.plan.orientation`` tabulates. ``fit`` tries one orientation: it streams both tensors in
+row blocks, intersects each vector element's intervals (``ia3tools.invert``), proves the candidates
+by folding the base as merge does, and moves a candidate whose proof fails a float32 step at a
+time (``SEARCH`` each way). It returns the vector, or None when no vector in that orientation
+reproduces the merged tensor; an empty intersection ends the attempt at the first block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ia3tools.formats.dtypes import DTYPES
+from ia3tools.invert import candidates, intervals, reproduces, shifted
+from ia3tools.plan import orientation
+
+EXTRACT_BLOCK = 4 << 20  # bytes of each tensor read at a time
+PROBE_BLOCK = 256 << 10  # bytes of the first block
+SEARCH = 16  # float32 steps tried each way from a candidate whose proof fails
+
+
+@dataclass(frozen=True)
+class Orientation:
+    feedforward: bool  # PEFT's name for scaling the inputs
+    axis: int  # of the weight the vector runs along
+    bias: bool  # whether the bias is scaled along with it
+
+
+def orientations(layer: str, has_bias: bool) -> tuple[Orientation, Orientation]:
+    """(outputs, inputs) for ``layer`` ("linear", "conv1d" or "conv")."""
+    return (Orientation(False, orientation(layer, False)[0], has_bias),
+            Orientation(True, orientation(layer, True)[0], False))
+
+
+class Pair:
+    """One tensor's bytes in the base and in the merged checkpoint, read in row blocks."""
+
+    def __init__(self, base, merged, name: str, ref):
+        self.base, self.merged, self.name, self.ref = base, merged, name, ref
+        self.shape, self.dtype = tuple(ref.shape), ref.dtype
+
+    def blocks(self):
+        """(first row, rows, block shape, base bytes, merged bytes) per block. The first block is
+        small, so a wrong orientation is found out cheaply (its intervals are already empty)."""
+        rows = self.shape[0]
+        row = self.ref.nbytes // rows if rows else 0
+        lo, per_block = 0, max(1, PROBE_BLOCK // max(row, 1))
+        while lo < rows:
+            n = min(per_block, rows - lo)
+            start, length = lo * row, n * row
+            yield (lo, n, (n,) + self.shape[1:], self.base.read_bytes(self.name, start, length),
+                   self.merged.read_bytes(self.name, start, length))
+            lo, per_block = lo + n, max(1, EXTRACT_BLOCK // max(row, 1))
+
+    def arrays(self):
+        """Both sides whole (for a bias: one row of the vector's length)."""
+        npd = DTYPES[self.dtype].numpy
+        return (np.frombuffer(self.base.read_bytes(self.name), npd),
+                np.frombuffer(self.merged.read_bytes(self.name), npd))
+
+
+def _as2d(raw: bytes, dtype: str, shape: tuple[int, ...], axis: int) -> np.ndarray:
+    """A block as 2-D, the vector's axis first (axis 0: rows) or last (axis 1: columns)."""
+    a = np.frombuffer(raw, DTYPES[dtype].numpy).reshape(shape)
+    if a.ndim == 2:
+        return a
+    return a.reshape(shape[0], -1) if axis == 0 else np.moveaxis(a, 1, -1).reshape(-1, shape[1])
+
+
+def _scale(vector: np.ndarray, ndim: int, axis: int) -> np.ndarray:
+    """The vector shaped to broadcast over a block along ``axis``, as merge multiplies."""
+    shape = [1] * ndim
+    shape[axis] = len(vector)
+    return vector.reshape(shape)
+
+
+def _per_element(ok: np.ndarray, axis: int) -> np.ndarray:
+    """Per vector element, whether every weight element it scales was reproduced."""
+    return ok.reshape(ok.shape[0], -1).all(axis=1) if axis == 0 else np.moveaxis(ok, 1, 0).reshape(
+        ok.shape[1], -1).all(axis=1)
+
+
+def _repair(vector: np.ndarray, bad: np.ndarray, check: Callable[[np.ndarray], np.ndarray]) -> bool:
+    """Move each failing element outward a float32 step at a time (+1, -1, +2, ...) until its proof
+    holds; ``check`` proves a whole trial vector element by element (each depends on its own
+    element only). False when some element found none."""
+    start = vector.copy()
+    for k in (s * d for s in range(1, SEARCH + 1) for d in (1, -1)):
+        if not bad.any():
+            break
+        trial = vector.copy()
+        trial[bad] = shifted(start[bad], k)
+        fixed = bad & check(trial)
+        vector[fixed] = trial[fixed]
+        bad &= ~fixed
+    return not bad.any()
+
+
+def fit(weight: Pair, bias: Pair | None, how: Orientation) -> np.ndarray | None:
+    """The float32 vector that re-merges ``weight`` (and ``bias`` when ``how`` scales it) bit for
+    bit, or None."""
+    length = weight.shape[how.axis]
+    b = None
+    if how.bias and bias is not None:
+        if bias.shape != (length,) or bias.dtype != weight.dtype:
+            return None
+        b = bias.arrays()
+    if how.axis == 0:
+        return _fit_rows(weight, b)
+    return _fit_columns(weight, b)
+
+
+def _bias_check(b, dtype: str, lo: int, n: int):
+    base, merged = b[0][lo:lo + n], b[1][lo:lo + n]
+    return lambda v: reproduces(base.tobytes(), merged.tobytes(), dtype, base.shape, v)
+
+
+def _fit_rows(weight: Pair, b) -> np.ndarray | None:
+    dtype, ndim = weight.dtype, len(weight.shape)
+    vector = np.empty(weight.shape[0], np.float32)
+    if b is not None:  # the bias is one more element of each row
+        b_low, b_high, b_impossible = intervals(b[0][:, None], b[1][:, None], dtype, 1)
+    for lo, n, shape, raw_b, raw_m in weight.blocks():
+        low, high, impossible = intervals(_as2d(raw_b, dtype, shape, 0), _as2d(raw_m, dtype, shape, 0), dtype, 1)
+        if b is not None:
+            low, high = np.maximum(low, b_low[lo:lo + n]), np.minimum(high, b_high[lo:lo + n])
+            impossible |= b_impossible[lo:lo + n]
+        if impossible.any() or (low > high).any():
+            return None
+        part = candidates(low, high)
+
+        def check(v, raw_b=raw_b, raw_m=raw_m, shape=shape, lo=lo, n=n):
+            ok = _per_element(reproduces(raw_b, raw_m, dtype, shape, _scale(v, ndim, 0)), 0)
+            return ok & _bias_check(b, dtype, lo, n)(v) if b is not None else ok
+
+        if not _repair(part, ~check(part), check):
+            return None
+        vector[lo:lo + n] = part
+    return vector
+
+
+def _fit_columns(weight: Pair, b) -> np.ndarray | None:
+    dtype, ndim, length = weight.dtype, len(weight.shape), weight.shape[1]
+    low, high = np.full(length, -np.inf), np.full(length, np.inf)
+    if b is not None:  # GPT-2's Conv1D: the bias runs along the columns
+        low, high, impossible = intervals(b[0][None, :], b[1][None, :], dtype, 0)
+        if impossible.any():
+            return None
+    for _, _, shape, raw_b, raw_m in weight.blocks():
+        block_low, block_high, impossible = intervals(_as2d(raw_b, dtype, shape, 1), _as2d(raw_m, dtype, shape, 1),
+                                                      dtype, 0)
+        low, high = np.maximum(low, block_low), np.minimum(high, block_high)
+        if impossible.any() or (low > high).any():
+            return None
+    vector = candidates(low, high)
+
+    def check(v):
+        ok = np.ones(length, bool) if b is None else _bias_check(b, dtype, 0, length)(v)
+        for _, _, shape, raw_b, raw_m in weight.blocks():
+            ok &= _per_element(reproduces(raw_b, raw_m, dtype, shape, _scale(v, ndim, 1)), 1)
+        return ok
+
+    return vector if _repair(vector, ~check(vector), check) else None
+
+
+def nearly_constant(vector: np.ndarray) -> bool:
+    """Whether the other orientation might fit too: only a vector whose elements are alike (to
+    well past the weight's precision) can scale rows and columns the same way."""
+    if vector.size == 0:
+        return False
+    spread = float(vector.max()) - float(vector.min())
+    return spread <= 1e-2 * max(abs(float(vector.mean())), 1e-30)
