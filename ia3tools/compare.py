@@ -59,8 +59,8 @@ def block_change(a: bytes, b: bytes, dtype: str, change: Change, values: bool) -
     if dtype in _EXPONENT:
         mask = uint(_EXPONENT[dtype])
         change.non_finite += int(np.count_nonzero(neq & ((ub & mask) == mask)))
-    kind = DTYPES[dtype].numpy.kind
-    if not values or kind not in "fiub":
+    numeric = dtype.startswith(("F", "BF")) or DTYPES[dtype].numpy.kind in "iub"  # ml_dtypes floats are kind V
+    if not values or not numeric:
         return
     npd = DTYPES[dtype].numpy
     where = np.flatnonzero(neq)

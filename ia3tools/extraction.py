@@ -31,12 +31,13 @@ class Orientation:
     feedforward: bool  # PEFT's name for scaling the inputs
     axis: int  # of the weight the vector runs along
     bias: bool  # whether the bias is scaled along with it
+    what: str  # what one element scales: rows, columns, output or input channels
 
 
 def orientations(layer: str, has_bias: bool) -> tuple[Orientation, Orientation]:
     """(outputs, inputs) for ``layer`` ("linear", "conv1d" or "conv")."""
-    return (Orientation(False, orientation(layer, False)[0], has_bias),
-            Orientation(True, orientation(layer, True)[0], False))
+    return (Orientation(False, *orientation(layer, False)[:1], has_bias, orientation(layer, False)[1]),
+            Orientation(True, orientation(layer, True)[0], False, orientation(layer, True)[1]))
 
 
 class Pair:
@@ -103,18 +104,35 @@ def _repair(vector: np.ndarray, bad: np.ndarray, check: Callable[[np.ndarray], n
     return not bad.any()
 
 
+def _bias_arrays(weight: Pair, bias: Pair | None, how: Orientation):
+    """(base, merged) of the bias when ``how`` scales it; False when it cannot go with the weight."""
+    if not how.bias or bias is None:
+        return None
+    if bias.shape != (weight.shape[how.axis],) or bias.dtype != weight.dtype:
+        return False
+    return bias.arrays()
+
+
 def fit(weight: Pair, bias: Pair | None, how: Orientation) -> np.ndarray | None:
     """The float32 vector that re-merges ``weight`` (and ``bias`` when ``how`` scales it) bit for
     bit, or None."""
-    length = weight.shape[how.axis]
-    b = None
-    if how.bias and bias is not None:
-        if bias.shape != (length,) or bias.dtype != weight.dtype:
-            return None
-        b = bias.arrays()
+    b = _bias_arrays(weight, bias, how)
+    if b is False:
+        return None
+    return _fit_rows(weight, b) if how.axis == 0 else _fit_columns(weight, b)
+
+
+def explained(weight: Pair, bias: Pair | None, how: Orientation) -> np.ndarray:
+    """Per vector element, whether the elements it scales agree on some ``l`` (their intervals
+    meet): tells a fold with an edited element (nearly all agree) from a retrained module (none
+    do). Reads the whole tensor."""
+    b = _bias_arrays(weight, bias, how)
+    if b is False:
+        return np.zeros(weight.shape[how.axis], bool)
     if how.axis == 0:
-        return _fit_rows(weight, b)
-    return _fit_columns(weight, b)
+        return np.concatenate([(low <= high) & ~bad for *_, low, high, bad in _row_bounds(weight, b)])
+    low, high, bad = _column_bounds(weight, b, stop_early=False)
+    return (low <= high) & ~bad
 
 
 def _bias_check(b, dtype: str, lo: int, n: int):
@@ -122,9 +140,9 @@ def _bias_check(b, dtype: str, lo: int, n: int):
     return lambda v: reproduces(base.tobytes(), merged.tobytes(), dtype, base.shape, v)
 
 
-def _fit_rows(weight: Pair, b) -> np.ndarray | None:
-    dtype, ndim = weight.dtype, len(weight.shape)
-    vector = np.empty(weight.shape[0], np.float32)
+def _row_bounds(weight: Pair, b):
+    """Per block of rows: the block and its rows' intervals (bias included)."""
+    dtype = weight.dtype
     if b is not None:  # the bias is one more element of each row
         b_low, b_high, b_impossible = intervals(b[0][:, None], b[1][:, None], dtype, 1)
     for lo, n, shape, raw_b, raw_m in weight.blocks():
@@ -132,6 +150,31 @@ def _fit_rows(weight: Pair, b) -> np.ndarray | None:
         if b is not None:
             low, high = np.maximum(low, b_low[lo:lo + n]), np.minimum(high, b_high[lo:lo + n])
             impossible |= b_impossible[lo:lo + n]
+        yield lo, n, shape, raw_b, raw_m, low, high, impossible
+
+
+def _column_bounds(weight: Pair, b, stop_early: bool):
+    """The columns' intervals over every block (bias included); None as soon as one is empty
+    when ``stop_early``."""
+    dtype, length = weight.dtype, weight.shape[1]
+    low, high, impossible = np.full(length, -np.inf), np.full(length, np.inf), np.zeros(length, bool)
+    if b is not None:  # GPT-2's Conv1D: the bias runs along the columns
+        low, high, impossible = intervals(b[0][None, :], b[1][None, :], dtype, 0)
+    for _, _, shape, raw_b, raw_m in weight.blocks():
+        if stop_early and (impossible.any() or (low > high).any()):
+            return None
+        block_low, block_high, block_bad = intervals(_as2d(raw_b, dtype, shape, 1), _as2d(raw_m, dtype, shape, 1),
+                                                     dtype, 0)
+        low, high, impossible = np.maximum(low, block_low), np.minimum(high, block_high), impossible | block_bad
+    if stop_early and (impossible.any() or (low > high).any()):
+        return None
+    return low, high, impossible
+
+
+def _fit_rows(weight: Pair, b) -> np.ndarray | None:
+    dtype, ndim = weight.dtype, len(weight.shape)
+    vector = np.empty(weight.shape[0], np.float32)
+    for lo, n, shape, raw_b, raw_m, low, high, impossible in _row_bounds(weight, b):
         if impossible.any() or (low > high).any():
             return None
         part = candidates(low, high)
@@ -148,18 +191,10 @@ def _fit_rows(weight: Pair, b) -> np.ndarray | None:
 
 def _fit_columns(weight: Pair, b) -> np.ndarray | None:
     dtype, ndim, length = weight.dtype, len(weight.shape), weight.shape[1]
-    low, high = np.full(length, -np.inf), np.full(length, np.inf)
-    if b is not None:  # GPT-2's Conv1D: the bias runs along the columns
-        low, high, impossible = intervals(b[0][None, :], b[1][None, :], dtype, 0)
-        if impossible.any():
-            return None
-    for _, _, shape, raw_b, raw_m in weight.blocks():
-        block_low, block_high, impossible = intervals(_as2d(raw_b, dtype, shape, 1), _as2d(raw_m, dtype, shape, 1),
-                                                      dtype, 0)
-        low, high = np.maximum(low, block_low), np.minimum(high, block_high)
-        if impossible.any() or (low > high).any():
-            return None
-    vector = candidates(low, high)
+    bounds = _column_bounds(weight, b, stop_early=True)
+    if bounds is None:
+        return None
+    vector = candidates(bounds[0], bounds[1])
 
     def check(v):
         ok = np.ones(length, bool) if b is None else _bias_check(b, dtype, 0, length)(v)

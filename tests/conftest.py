@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 import shutil
@@ -87,3 +88,24 @@ def assert_refused(result, *names, out=None, code=1):
 def weight_files(directory) -> list[Path]:
     """A merged directory's files but its model card (which names the output path and command)."""
     return sorted(p for p in Path(directory).iterdir() if p.name != "README.md")
+
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def fake_hub_cache(root, repo="someorg/tiny-llama", source=None):
+    """A Hugging Face hub cache holding ``repo`` as huggingface_hub lays it out: blobs, a snapshot of
+    symlinks into them, and refs/main naming the snapshot."""
+    source = source or FIXTURES / "llama" / "base"
+    org, name = repo.split("/")
+    repo_dir = root / f"models--{org}--{name}"
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(COMMIT)
+    blobs, snapshot = repo_dir / "blobs", repo_dir / "snapshots" / COMMIT
+    blobs.mkdir()
+    snapshot.mkdir(parents=True)
+    for f in sorted(source.iterdir()):
+        digest = hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.copyfile(f, blobs / digest)
+        (snapshot / f.name).symlink_to(f"../../blobs/{digest}")
+    return repo_dir

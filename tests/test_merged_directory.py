@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import FIXTURES, assert_refused, cli_run
+from conftest import COMMIT, FIXTURES, assert_refused, cli_run, fake_hub_cache
 
 LLAMA = (FIXTURES / "llama" / "base", FIXTURES / "llama" / "adapter")
 TEXTS = ["w5 w6 w7 w8", "w9 w10", "w11 w12 w13 w14 w15"]
@@ -213,26 +213,6 @@ def test_embeddings_resized_in_modules_to_save(tmp_path, with_tokenizer):
 
 
 # --- hub ids, resolved offline in the local cache -----------------------------------------------------------
-
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-def fake_hub_cache(root, repo="someorg/tiny-llama", source=LLAMA[0]):
-    """A Hugging Face hub cache holding ``repo`` as huggingface_hub lays it out: blobs, a snapshot of
-    symlinks into them, and refs/main naming the snapshot."""
-    org, name = repo.split("/")
-    repo_dir = root / f"models--{org}--{name}"
-    (repo_dir / "refs").mkdir(parents=True)
-    (repo_dir / "refs" / "main").write_text(COMMIT)
-    blobs, snapshot = repo_dir / "blobs", repo_dir / "snapshots" / COMMIT
-    blobs.mkdir()
-    snapshot.mkdir(parents=True)
-    for f in sorted(source.iterdir()):
-        digest = hashlib.sha256(f.read_bytes()).hexdigest()
-        shutil.copyfile(f, blobs / digest)
-        (snapshot / f.name).symlink_to(f"../../blobs/{digest}")
-    return repo_dir
-
 
 @pytest.fixture
 def hub(tmp_path, monkeypatch):

@@ -38,6 +38,9 @@ def test_successes(tmp_path):
     blend = envelope(cli_run("blend", LLAMA[1], LLAMA[1], "-w", "0.6", "0.6", "-o", tmp_path / "b", "--json"),
                      "blend", True)
     assert [w["code"] for w in blend["warnings"]] == ["weights-sum"]
+    extracted = envelope(cli_run("extract", LLAMA[0], tmp_path / "m", "-o", tmp_path / "x", "--json"), "extract", True)
+    assert {m["scales"] for m in extracted["modules"]} == {"outputs", "inputs"}
+    envelope(cli_run("diff", LLAMA[0], LLAMA[0], "--json"), "diff", True)
     bert = FIXTURES / "bert-cls"
     heads = envelope(cli_run("check", bert / "base", bert / "adapter", "--json"), "check", True)
     assert {h["replaces"] for h in heads["heads"]} == {None}
@@ -53,6 +56,10 @@ def test_findings_are_not_ok(fixture_copy, tmp_path):
     assert cli_run("merge", other / "base", other / "adapter", "-o", tmp_path / "g", "-q").exit_code == 0
     doc = envelope(cli_run("verify", *LLAMA, tmp_path / "g", "--json"), "verify", False)
     assert {d["problem"] for d in doc["differences"]} == {"missing", "extra"}
+    doc = envelope(cli_run("diff", LLAMA[0], tmp_path / "m", "--json"), "diff", False)
+    assert {d["problem"] for d in doc["differences"]} == {"values"} and doc["keys"]
+    doc = envelope(cli_run("diff", LLAMA[1], other / "adapter", "--json"), "diff", False)
+    assert {"only-in-a", "only-in-b"} <= {d["problem"] for d in doc["differences"]}
 
 
 @pytest.mark.parametrize("args, command, code", [
@@ -63,6 +70,8 @@ def test_findings_are_not_ok(fixture_copy, tmp_path):
     (["verify", *LLAMA, "/no/such"], "verify", "not-found"),
     (["blend", LLAMA[1], FIXTURES / "gpt2" / "adapter", "-w", "0.5", "0.5", "-o", "{tmp}/b"], "blend", "blend"),
     (["export-onnx", LLAMA[1], "-o", "{tmp}/x"], "export-onnx", "format"),
+    (["extract", LLAMA[0], LLAMA[0], "-o", "{tmp}/x"], "extract", "extract"),
+    (["diff", LLAMA[0], "/no/such"], "diff", "not-found"),
 ])
 def test_failures_print_the_envelope_and_one_line(tmp_path, args, command, code):
     result = cli_run(*[str(a).replace("{tmp}", str(tmp_path)) for a in args], "--json")

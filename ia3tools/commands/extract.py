@@ -25,7 +25,7 @@ from ia3tools.card import base_model_id, extract_card, read_card_metadata
 from ia3tools.compare import Change, tensor_change
 from ia3tools.errors import ExtractError
 from ia3tools.extract_rules import adapter_config, choose_layout, resolve
-from ia3tools.extraction import Pair, fit, nearly_constant, orientations
+from ia3tools.extraction import Pair, explained, fit, nearly_constant, orientations
 from ia3tools.formats import open_checkpoint
 from ia3tools.formats.adapter import CONFIG_NAME, KEY_PREFIX, WEIGHT_NAMES, vector_key
 from ia3tools.formats.config import architecture, read_model_config
@@ -108,11 +108,11 @@ def extract(base: str | os.PathLike, merged: str | os.PathLike, out: str | os.Pa
         layout = choose_layout(model_config.get("model_type"), b, by_module, m.reader)
         fits, heads = [], []
         for module, names in by_module.items():
-            found = _fit_module(b, m, module, names, layout)
+            found, tried = _fit_module(b, m, module, names, layout)
             if found is not None:
                 fits.append(found)
             else:
-                _require_head(module, modules[module], changes, m)
+                _require_head(modules[module], changes, m, tried)
                 heads.append(module)
         if not fits:
             raise ExtractError("only whole modules changed (" + ", ".join(sorted(heads)) + "): no IA3 vector "
@@ -172,41 +172,50 @@ def _modules(tensors) -> dict[str, list[str]]:
     return out
 
 
-def _fit_module(b, m, module: str, changed: list[str], layout: str) -> _Fit | None:
-    """The vector(s) explaining ``module``'s changes, or None when none does."""
+def _fit_module(b, m, module: str, changed: list[str], layout: str):
+    """The vector(s) explaining ``module``'s changes (None when none does), and the (weight, bias,
+    orientation) tried."""
     weight, bias = f"{module}.weight", f"{module}.bias"
     ref = b.tensors.get(weight)
     if ref is None or not DTYPES[ref.dtype].foldable or len(ref.shape) not in _LAYERS or 0 in ref.shape:
-        return None
+        return None, []
     if not set(changed) <= {weight, bias}:
-        return None
+        return None, []
     has_bias = bias in b.tensors and DTYPES[b.tensors[bias].dtype].foldable
     layer = layout if _LAYERS[len(ref.shape)] == "linear" else "conv"
     outputs, inputs = orientations(layer, has_bias)
     w = Pair(b, m, weight, ref)
     p_bias = Pair(b, m, bias, b.tensors[bias]) if has_bias else None
-    vectors = {}
+    tried, vectors = [(w, p_bias, outputs)], {}
     scaled = fit(w, p_bias, outputs)
     if scaled is not None:
         vectors[False] = scaled
     if bias not in changed and (scaled is None or nearly_constant(scaled)):
+        tried.append((w, None, inputs))
         other = fit(w, None, inputs)
         if other is not None:
             vectors[True] = other
-    return _Fit(module, layer, vectors) if vectors else None
+    return (_Fit(module, layer, vectors) if vectors else None), tried
 
 
-def _require_head(module: str, tensors: list[str], changes: dict[str, Change], m) -> None:
-    """A module no vector explains is a ``modules_to_save`` head only when it changed whole."""
-    for name in tensors:
-        c = changes[name]
-        if not c.differs or c.fraction < HEAD_FRACTION:
-            worst = next(n for n in tensors if changes[n].differs)
-            w = changes[worst]
+def _require_head(tensors: list[str], changes: dict[str, Change], m, tried) -> None:
+    """A module no vector explains is a ``modules_to_save`` head only when it changed whole, and
+    not as a fold would but for a few rows or columns (that is a fold with edited elements)."""
+    worst = next(n for n in tensors if changes[n].differs)
+    if not all(changes[n].differs and changes[n].fraction >= HEAD_FRACTION for n in tensors):
+        w = changes[worst]
+        raise ExtractError(
+            f"changed in a way no IA3 fold explains: {w.elements} of {w.total} elements differ (a fold scales whole "
+            f"rows or columns; a module is kept as modules_to_save only when each of its tensors changed in at "
+            f"least {HEAD_FRACTION:.0%} of its elements)", path=m.reader(worst).path, tensor=worst)
+    for weight, bias, how in tried:
+        agree = explained(weight, bias, how)
+        if agree.mean() >= HEAD_FRACTION:
+            off = np.flatnonzero(~agree)
             raise ExtractError(
-                f"changed in a way no IA3 fold explains: {w.elements} of {w.total} elements differ (a fold scales whole "
-                f"rows or columns; a module is kept as modules_to_save only when each of its tensors changed in at "
-                f"least {HEAD_FRACTION:.0%} of its elements)", path=m.reader(worst).path, tensor=worst)
+                f"changed in a way no IA3 fold explains: {len(off)} of {len(agree)} {how.what} (first: {off[0]}) "
+                f"cannot be scaled to their merged values while the others can (edited elements?)",
+                path=m.reader(weight.name).path, tensor=weight.name)
 
 
 def _chosen(f: _Fit) -> bool:
