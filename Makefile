@@ -23,7 +23,7 @@ $(VENV)/.installed-demo: $(VENV)/.base pyproject.toml
 	touch $@
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q -n 2 --dist loadscope
 
 demo: $(VENV)/.installed-demo
 	@rm -rf $(DEMO)
@@ -31,6 +31,8 @@ demo: $(VENV)/.installed-demo
 	@echo "$$ ia3tools check fixtures/llama/base fixtures/llama/adapter"; $(VENV)/bin/ia3tools check fixtures/llama/base fixtures/llama/adapter
 	@echo "$$ ia3tools merge fixtures/llama/base fixtures/llama/adapter -o $(DEMO)/merged"; $(VENV)/bin/ia3tools merge fixtures/llama/base fixtures/llama/adapter -o $(DEMO)/merged
 	@echo "$$ ia3tools verify fixtures/llama/base fixtures/llama/adapter $(DEMO)/merged"; $(VENV)/bin/ia3tools verify fixtures/llama/base fixtures/llama/adapter $(DEMO)/merged
+	@echo "$$ ia3tools extract fixtures/llama/base $(DEMO)/merged -o $(DEMO)/extracted"; $(VENV)/bin/ia3tools extract fixtures/llama/base $(DEMO)/merged -o $(DEMO)/extracted
+	@echo "$$ ia3tools verify fixtures/llama/base $(DEMO)/extracted $(DEMO)/merged"; $(VENV)/bin/ia3tools verify fixtures/llama/base $(DEMO)/extracted $(DEMO)/merged
 	@echo "$$ ia3tools export-onnx $(DEMO)/merged -o $(DEMO)/onnx"; $(VENV)/bin/ia3tools export-onnx $(DEMO)/merged -o $(DEMO)/onnx
 
 $(VENV)/.installed-bench: $(VENV)/.base pyproject.toml

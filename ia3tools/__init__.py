@@ -1,6 +1,6 @@
 """ia3tools: inspect, check, merge, verify and blend PEFT IA3 adapters offline, on saved
 checkpoints, extract them back from merged models, diff checkpoints, and export merged models to
-ONNX.
+ONNX (or one base with IA3 adapters switched per run).
 
 The Python API is what the command line runs::
 
@@ -33,6 +33,8 @@ _API = {
     "diff": "ia3tools.commands.diff", "DiffReport": "ia3tools.commands.diff",
     "export_onnx": "ia3tools.commands.export_onnx", "ExportOptions": "ia3tools.commands.export_onnx",
     "ExportReport": "ia3tools.commands.export_onnx",
+    "onnx_adapter": "ia3tools.commands.onnx_adapter", "OnnxAdapterOptions": "ia3tools.commands.onnx_adapter",
+    "OnnxAdapterReport": "ia3tools.commands.onnx_adapter",
     "Report": "ia3tools.reports", "Notice": "ia3tools.errors",
     "Ia3Error": "ia3tools.errors", "FormatError": "ia3tools.errors", "AdapterError": "ia3tools.errors",
     "PlanError": "ia3tools.errors", "FoldError": "ia3tools.errors", "OutputError": "ia3tools.errors",
@@ -44,8 +46,9 @@ __all__ = [  # = sorted(_API), spelt out for static tools
     "AdapterError", "AdapterInspection", "BlendError", "BlendOptions", "BlendReport", "CheckReport",
     "CheckpointInspection", "DiffReport", "ExportError", "ExportOptions", "ExportReport", "ExtractError",
     "ExtractOptions", "ExtractReport", "FoldError", "FormatError", "Ia3Error", "MergeOptions", "MergeReport",
-    "MissingDependency", "Notice", "OptionError", "OutputError", "PlanError", "Report", "VerifyReport",
-    "__version__", "blend", "check", "diff", "export_onnx", "extract", "inspect", "merge", "verify",
+    "MissingDependency", "Notice", "OnnxAdapterOptions", "OnnxAdapterReport", "OptionError", "OutputError",
+    "PlanError", "Report", "VerifyReport", "__version__", "blend", "check", "diff", "export_onnx", "extract",
+    "inspect", "merge", "onnx_adapter", "verify",
 ]
 
 
@@ -69,6 +72,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
     from ia3tools.commands.extract import ExtractOptions, ExtractReport, extract
     from ia3tools.commands.inspect import AdapterInspection, CheckpointInspection, inspect
     from ia3tools.commands.merge import MergeOptions, MergeReport, merge
+    from ia3tools.commands.onnx_adapter import OnnxAdapterOptions, OnnxAdapterReport, onnx_adapter
     from ia3tools.commands.verify import VerifyReport, verify
     from ia3tools.errors import (AdapterError, BlendError, ExportError, ExtractError, FoldError, FormatError,
                                  Ia3Error, MissingDependency, Notice, OptionError, OutputError, PlanError)

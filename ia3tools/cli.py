@@ -272,6 +272,27 @@ def _task_names() -> list[str]:
     return ["auto", *export_task_names()]
 
 
+class _OneOrMore(click.Option):
+    """An option taking one or more values, up to the next option: ``--runtime-adapters A B C``
+    (repeating the option works too). click has no such option; this extends its parser's
+    handling of the option (a private hook: where it is missing, only repetition works)."""
+
+    def add_to_parser(self, parser, ctx):
+        super().add_to_parser(parser, ctx)
+        for name in self.opts:
+            option = getattr(parser, "_long_opt", {}).get(name) or getattr(parser, "_short_opt", {}).get(name)
+            if option is None or not hasattr(option, "process"):
+                continue
+            process = option.process
+
+            def greedy(value, state, process=process):
+                process(value, state)
+                while state.rargs and not state.rargs[0].startswith("-"):
+                    process(state.rargs.pop(0), state)
+
+            option.process = greedy
+
+
 @cli.command("export-onnx")
 @click.argument("model_dir", required=False)
 @click.option("--adapter", type=click.Path(), help="Merge this IA3 adapter into MODEL_DIR first (in a temporary directory).")
@@ -289,11 +310,15 @@ def _task_names() -> list[str]:
               help="fp16: weights stored in float16 (half the bytes), computed in float32.")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
               help="int8: onnxruntime's dynamic quantization of every weight matrix and embedding.")
+@click.option("--runtime-adapters", "runtime_adapters", cls=_OneOrMore, multiple=True, type=click.Path(),
+              metavar="ADAPTER [ADAPTER ...]",
+              help="Export MODEL_DIR once with a slot per module these IA3 adapters target, and write each as "
+                   "OUT/adapters/<name>.onnx_adapter, switched per run in onnxruntime (give MODEL_DIR first).")
 @click.option("--force", is_flag=True, help="Replace an existing output directory (atomically).")
 @common_options
 @runs("export-onnx", _render("export"))
-def export_onnx_cmd(model_dir, adapter, out, task, opset, atol, no_parity, with_past, export_dtype, quantize, force,
-                    quiet):
+def export_onnx_cmd(model_dir, adapter, out, task, opset, atol, no_parity, with_past, export_dtype, quantize,
+                    runtime_adapters, force, quiet):
     """Export a merged model (or MODEL_DIR + --adapter, merged first) to ONNX.
 
     MODEL_DIR may be a hub id in the local cache, or left out with --adapter for the base the
@@ -302,9 +327,32 @@ def export_onnx_cmd(model_dir, adapter, out, task, opset, atol, no_parity, with_
     """
     if model_dir is None and adapter is None:
         raise click.UsageError("missing argument MODEL_DIR (it may be left out only with --adapter)")
+    if runtime_adapters and model_dir is None:
+        raise click.UsageError("--runtime-adapters needs MODEL_DIR, the base they are switched on")
+    if runtime_adapters and (adapter or with_past or export_dtype != "fp32" or quantize):
+        raise click.UsageError("--runtime-adapters exports MODEL_DIR in float32 without a cache: it cannot be combined "
+                               "with --adapter, --with-past, --dtype fp16 or --quantize")
     options = ia3tools.ExportOptions(task=task, opset=opset, atol=atol, parity=not no_parity, force=force,
-                                     with_past=with_past, dtype=export_dtype, quantize=quantize)
+                                     with_past=with_past, dtype=export_dtype, quantize=quantize,
+                                     runtime_adapters=tuple(runtime_adapters))
     return ia3tools.export_onnx(model_dir, out, options, adapter=adapter, log=_progress(quiet))
+
+
+@cli.command("onnx-adapter")
+@click.argument("adapters", nargs=-1, required=True)
+@click.option("--for", "export", required=True, type=click.Path(),
+              help="The export (made with --runtime-adapters) whose slots the adapters fill.")
+@click.option("--force", is_flag=True, help="Replace an adapter file of the same name.")
+@common_options
+@runs("onnx-adapter", _render("onnx_adapter"))
+def onnx_adapter_cmd(adapters, export, force, quiet):
+    """Add IA3 adapters to an ONNX export made with --runtime-adapters.
+
+    Each ADAPTER (a PEFT IA3 adapter directory) is checked against the slots the export records:
+    every vector needs a slot of its length, scaling the same side, in the same layout
+    (fan_in_fan_out). Written as OUT/adapters/<name>.onnx_adapter after one run in onnxruntime.
+    """
+    return ia3tools.onnx_adapter(list(adapters), export, ia3tools.OnnxAdapterOptions(force=force))
 
 
 def _is_number(text: str) -> bool:
@@ -347,6 +395,9 @@ def main() -> None:
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
+    from ia3tools.allocator import tune
+
+    tune()  # block-sized temporaries reused, not mapped and faulted in each time
     cli(prog_name="ia3tools")
 
 

@@ -109,7 +109,7 @@ def _spec(chosen: list[str], among, rule: str) -> list[str] | str:
     return _exact(chosen)
 
 
-def adapter_config(fits: list, heads: list[str], modules, layout: str, arch: str, base_name: str) -> dict:
+def adapter_config(fits: list, heads: list[str], modules, arch: str, base_name: str) -> dict:
     """PEFT's ``adapter_config.json`` naming exactly the extracted modules."""
     targets = sorted(f.module for f in fits)
     feedforward = sorted(f.module for f in fits if next(iter(f.vectors)))
@@ -123,7 +123,7 @@ def adapter_config(fits: list, heads: list[str], modules, layout: str, arch: str
         "target_modules": _spec(targets, _prefixes(modules), "dot"),
         "feedforward_modules": _spec(feedforward, targets, "plain"),
         "exclude_modules": None,
-        "fan_in_fan_out": layout == "conv1d" and any(f.layer == "conv1d" for f in fits),
+        "fan_in_fan_out": any(f.layer == "conv1d" for f in fits),
         "modules_to_save": sorted(heads) or None,
         "init_ia3_weights": True,
         "inference_mode": True,

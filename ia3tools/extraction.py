@@ -88,20 +88,32 @@ def _per_element(ok: np.ndarray, axis: int) -> np.ndarray:
         ok.shape[1], -1).all(axis=1)
 
 
-def _repair(vector: np.ndarray, bad: np.ndarray, check: Callable[[np.ndarray], np.ndarray]) -> bool:
+def _repair(vector: np.ndarray, bad: np.ndarray, check: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> bool:
     """Move each failing element outward a float32 step at a time (+1, -1, +2, ...) until its proof
-    holds; ``check`` proves a whole trial vector element by element (each depends on its own
-    element only). False when some element found none."""
-    start = vector.copy()
+    holds; ``check(values, which)`` proves the vector elements ``which`` (indices) set to
+    ``values``: each element's proof depends on its own value only, so only the failing elements'
+    rows or columns are folded again. False when some element found none."""
+    which = np.flatnonzero(bad)
+    start = vector[which]
     for k in (s * d for s in range(1, SEARCH + 1) for d in (1, -1)):
-        if not bad.any():
+        if not which.size:
             break
-        trial = vector.copy()
-        trial[bad] = shifted(start[bad], k)
-        fixed = bad & check(trial)
-        vector[fixed] = trial[fixed]
-        bad &= ~fixed
-    return not bad.any()
+        trial = shifted(start, k)
+        fixed = check(trial, which)
+        vector[which[fixed]] = trial[fixed]
+        which, start = which[~fixed], start[~fixed]
+    return not which.size
+
+
+def _proof(raw_b: bytes, raw_m: bytes, dtype: str, shape: tuple[int, ...], axis: int, values: np.ndarray,
+           which: np.ndarray | None) -> np.ndarray:
+    """Per vector element ``which`` (None: all), whether folding the base block with ``values`` as
+    merge does gives the merged block bit for bit along ``axis``."""
+    if which is not None:  # only those rows or columns
+        npd = DTYPES[dtype].numpy
+        base, merged = (np.take(np.frombuffer(r, npd).reshape(shape), which, axis=axis) for r in (raw_b, raw_m))
+        raw_b, raw_m, shape = base.tobytes(), merged.tobytes(), base.shape
+    return _per_element(reproduces(raw_b, raw_m, dtype, shape, _scale(values, len(shape), axis)), axis)
 
 
 def _bias_arrays(weight: Pair, bias: Pair | None, how: Orientation):
@@ -135,9 +147,9 @@ def explained(weight: Pair, bias: Pair | None, how: Orientation) -> np.ndarray:
     return (low <= high) & ~bad
 
 
-def _bias_check(b, dtype: str, lo: int, n: int):
+def _bias_proof(b, dtype: str, lo: int, n: int, values: np.ndarray, which: np.ndarray | None) -> np.ndarray:
     base, merged = b[0][lo:lo + n], b[1][lo:lo + n]
-    return lambda v: reproduces(base.tobytes(), merged.tobytes(), dtype, base.shape, v)
+    return _proof(base.tobytes(), merged.tobytes(), dtype, base.shape, 0, values, which)
 
 
 def _row_bounds(weight: Pair, b):
@@ -172,37 +184,37 @@ def _column_bounds(weight: Pair, b, stop_early: bool):
 
 
 def _fit_rows(weight: Pair, b) -> np.ndarray | None:
-    dtype, ndim = weight.dtype, len(weight.shape)
+    dtype = weight.dtype
     vector = np.empty(weight.shape[0], np.float32)
     for lo, n, shape, raw_b, raw_m, low, high, impossible in _row_bounds(weight, b):
         if impossible.any() or (low > high).any():
             return None
         part = candidates(low, high)
 
-        def check(v, raw_b=raw_b, raw_m=raw_m, shape=shape, lo=lo, n=n):
-            ok = _per_element(reproduces(raw_b, raw_m, dtype, shape, _scale(v, ndim, 0)), 0)
-            return ok & _bias_check(b, dtype, lo, n)(v) if b is not None else ok
+        def check(v, which, raw_b=raw_b, raw_m=raw_m, shape=shape, lo=lo, n=n):
+            ok = _proof(raw_b, raw_m, dtype, shape, 0, v, which)
+            return ok & _bias_proof(b, dtype, lo, n, v, which) if b is not None else ok
 
-        if not _repair(part, ~check(part), check):
+        if not _repair(part, ~check(part, None), check):
             return None
         vector[lo:lo + n] = part
     return vector
 
 
 def _fit_columns(weight: Pair, b) -> np.ndarray | None:
-    dtype, ndim, length = weight.dtype, len(weight.shape), weight.shape[1]
+    dtype, length = weight.dtype, weight.shape[1]
     bounds = _column_bounds(weight, b, stop_early=True)
     if bounds is None:
         return None
     vector = candidates(bounds[0], bounds[1])
 
-    def check(v):
-        ok = np.ones(length, bool) if b is None else _bias_check(b, dtype, 0, length)(v)
+    def check(v, which):
+        ok = np.ones(len(v), bool) if b is None else _bias_proof(b, dtype, 0, length, v, which)
         for _, _, shape, raw_b, raw_m in weight.blocks():
-            ok &= _per_element(reproduces(raw_b, raw_m, dtype, shape, _scale(v, ndim, 1)), 1)
+            ok &= _proof(raw_b, raw_m, dtype, shape, 1, v, which)
         return ok
 
-    return vector if _repair(vector, ~check(vector), check) else None
+    return vector if _repair(vector, ~check(vector, None), check) else None
 
 
 def nearly_constant(vector: np.ndarray) -> bool:

@@ -31,7 +31,8 @@ UINT = {"F16": np.uint16, "BF16": np.uint16, "F32": np.uint32, "F64": np.uint64}
 _WIDEN = {"F16": 2.0 ** -20, "BF16": 2.0 ** -20, "F32": 2.0 ** -45, "F64": 2.0 ** -50}
 _COMPUTE = {"F16": np.float32, "BF16": np.float32, "F32": np.float64, "F64": np.float64}
 _EXPONENT = {"F16": 0x7C00, "BF16": 0x7F80, "F32": 0x7F800000, "F64": 0x7FF0000000000000}
-_CHUNK = 1 << 18  # elements worked at a time, so the temporaries stay in cache
+_HALF_STEP = {"BF16": 0x8000, "F16": 0x1000}  # half a 16-bit step, in float32 bit units
+_CHUNK = 1 << 16  # elements worked at a time, so the temporaries stay in cache
 
 
 def step(bits: np.ndarray, k) -> np.ndarray:
@@ -54,18 +55,46 @@ def shifted(values: np.ndarray, k) -> np.ndarray:
     return step(np.ascontiguousarray(values, np.float32).view(np.uint32), k).view(np.float32)
 
 
+def _float32_bits(bits: np.ndarray, dtype: str) -> np.ndarray:
+    """16-bit float patterns as float32 patterns, by integer arithmetic: bf16 is float32's top half;
+    an fp16 gets its exponent rebased (exact for normal magnitudes only, see ``_f16_off_lattice``)."""
+    if dtype == "BF16":
+        return np.left_shift(bits, 16, dtype=np.uint32)
+    u = bits.astype(np.uint32)
+    return ((u & np.uint32(0x8000)) << np.uint32(16)) | (((u & np.uint32(0x7FFF)) + np.uint32(0x1C000))
+                                                         << np.uint32(13))
+
+
+def _f16_off_lattice(wb, mb, magnitude, w_magnitude, nonzero, bigger, smaller, w) -> None:
+    """fp16 subnormals and zeros are not rebased normals, and the smallest normal's lower neighbour
+    is a subnormal: decode those few exactly (their midpoints are exact in float32)."""
+    small = magnitude <= np.uint16(0x0400)
+    if small.any():
+        m = mb[small]
+        value = m.view(np.float16).astype(np.float32)
+        bigger[small] = (value + (m + np.uint16(1)).view(np.float16).astype(np.float32)) * np.float32(0.5)
+        down = m - nonzero[small].astype(np.uint16)
+        smaller[small] = (value + down.view(np.float16).astype(np.float32)) * np.float32(0.5)
+    small = w_magnitude < np.uint16(0x0400)
+    if small.any():
+        w[small] = wb[small].view(np.float16).astype(np.float32)
+
+
 def _chunk(wb: np.ndarray, mb: np.ndarray, dtype: str, reduce: int):
     """``intervals`` of one cache-sized piece, on the unsigned views of its base and merged bits."""
     uint = UINT[dtype]
     sign = uint(1) << uint(8 * np.dtype(uint).itemsize - 1)
-    magnitude = mb & ~sign
+    magnitude, w_magnitude = mb & ~sign, wb & ~sign
     nonzero = magnitude != 0
-    if dtype == "BF16":  # bf16 is float32's top half: the half-steps are +-0x8000 on float32 bits
-        m32 = np.left_shift(mb, 16, dtype=np.uint32)
-        bigger = (m32 + np.uint32(0x8000)).view(np.float32)
-        smaller = (m32 - np.left_shift(nonzero, 15, dtype=np.uint32)).view(np.float32)
-        w = np.left_shift(wb, 16, dtype=np.uint32).view(np.float32)
-    else:  # the midpoints with the neighbours one step up and down in magnitude, exact in float32
+    if dtype in _HALF_STEP:  # 16-bit floats sit on float32's bit lattice: the midpoints are half-steps
+        half = np.uint32(_HALF_STEP[dtype])
+        m32 = _float32_bits(mb, dtype)
+        bigger = (m32 + half).view(np.float32)
+        smaller = (m32 - nonzero.astype(np.uint32) * half).view(np.float32)
+        w = _float32_bits(wb, dtype).view(np.float32)
+        if dtype == "F16":
+            _f16_off_lattice(wb, mb, magnitude, w_magnitude, nonzero, bigger, smaller, w)
+    else:  # the midpoints with the neighbours one step up and down in magnitude, exact in float64
         native, compute = DTYPES[dtype].numpy, _COMPUTE[dtype]
         m = mb.view(native).astype(compute)
         half = compute(0.5)
@@ -73,7 +102,7 @@ def _chunk(wb: np.ndarray, mb: np.ndarray, dtype: str, reduce: int):
             bigger = (m + (mb + uint(1)).view(native).astype(compute)) * half
             smaller = (m + (mb - nonzero.astype(uint)).view(native).astype(compute)) * half
         w = wb.view(native).astype(compute)
-    zero_w = (wb & ~sign) == 0
+    zero_w = w_magnitude == 0
     np.copyto(w, np.nan, where=zero_w)  # a zero weight constrains nothing (NaN is skipped below)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         np.divide(bigger, w, out=bigger)

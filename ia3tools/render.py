@@ -166,8 +166,26 @@ def render_export(r) -> tuple[str, str | None]:
             g = p.generation
             lines.append(f"generation: {g.new_tokens} greedy tokens for {g.batch} prompts (one left-padded): "
                          f"{'equal to' if g.tokens_equal else 'differ from'} transformers' generate")
+        for step in p.switching or []:
+            worst = max(step.outputs.values(), key=lambda e: float("inf") if e.max_abs is None else e.max_abs)
+            lines.append(f"switched to {step.adapter or 'no adapter'}: max abs error "
+                         f"{'inf' if worst.max_abs is None else f'{worst.max_abs:.3g}'} against the torch model"
+                         f"{' with it folded in' if step.adapter else ''}")
     else:
         lines.append("parity: not checked (--no-parity)")
+    lines += _runtime_lines(r.slots, r.runtime_adapters)
+    return "", printable_lines(lines)
+
+
+def _runtime_lines(slots, files) -> list[str]:
+    lines = [f"runtime adapter slots: {len(slots)} ({sum(s['scales'] == 'outputs' for s in slots)} scale outputs, "
+             f"{sum(s['scales'] == 'inputs' for s in slots)} inputs), all ones unless an adapter is active"] if slots else []
+    return lines + [f"adapter {f.name}: {f.file} ({human_bytes(f.bytes)}, {f.vectors} vectors)" for f in files]
+
+
+def render_onnx_adapter(r) -> tuple[str, str | None]:
+    lines = _runtime_lines([], r.adapters)
+    lines.append(f"checked in onnxruntime: each adapter runs on {r.output}'s graph")
     return "", printable_lines(lines)
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import FIXTURES, ROOT, cli_run
 
+
 ARCHS = ["llama", "gpt2"]
 
 

@@ -10,6 +10,7 @@ import torch
 from click.testing import CliRunner
 from conftest import FIXTURES
 from peft_oracle import load_peft
+from test_schema import envelope
 
 from ia3tools.cli import cli
 from ia3tools.publish import MARK as STAGING_MARK
@@ -37,10 +38,8 @@ def data_locations(onnx_dir):
 def test_llama_merged_dir_exports_and_runs_after_a_move(tmp_path):
     merged, out = tmp_path / "merged", tmp_path / "onnx"
     assert run("merge", FIXTURES / "llama" / "base", FIXTURES / "llama" / "adapter", "-o", merged, "-q").exit_code == 0
-    result = run("export-onnx", merged, "-o", out, "--json")
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
-    assert report["task"] == "text-generation" and report["parity"]["passed"]
+    report = envelope(run("export-onnx", merged, "-o", out, "--json"), "export-onnx", True)  # valid against the schema
+    assert report["task"] == "text-generation" and report["parity"]["passed"] and report["timings"]["export_s"] > 0
     assert report["parity"]["outputs"]["logits"]["max_abs"] <= 1e-4
     assert set(report["files"]) >= {"model.onnx", "model.onnx.data", "tokenizer.json", "config.json"}
     assert data_locations(out) == {"model.onnx.data"}
@@ -48,6 +47,7 @@ def test_llama_merged_dir_exports_and_runs_after_a_move(tmp_path):
 
     exported = onnx.load(str(out / "model.onnx"), load_external_data=False)
     assert exported.graph.node and not any(n.metadata_props for n in exported.graph.node)  # no debug paths
+    assert report["slots"] == [] and not any(p.key == "ia3tools.slots" for p in exported.metadata_props)
     moved = tmp_path / "elsewhere" / "deployed"
     moved.parent.mkdir()
     shutil.move(out, moved)

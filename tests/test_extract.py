@@ -107,6 +107,29 @@ def test_a_base_from_the_hub_cache_and_the_json_report(tiny_pair, tmp_path, monk
     assert "base_model: someorg/tiny-opt" in card and "base_model_relation: adapter" in card
 
 
+@pytest.mark.parametrize("case", ["gpt2-conv1d", "t5"])  # columns and rows, a Conv1D bias along the columns
+def test_the_step_search_recovers_candidates_that_miss(tiny_pair, tmp_path, monkeypatch, case):
+    """fp32 intervals hold one float: candidates pushed 5 steps off fail their proof, and the
+    search (only the failing rows or columns re-folded) brings back the original bits; pushed
+    past the search's reach, no orientation fits and extract refuses."""
+    import ia3tools.extraction as extraction
+    from ia3tools.invert import shifted
+
+    base, adapter, merged = merged_pair(tiny_pair, tmp_path, case)
+    honest = extraction.candidates
+    for k, found in ((5, True), (3 * extraction.SEARCH, False)):
+        monkeypatch.setattr(extraction, "candidates", lambda low, high, k=k: shifted(honest(low, high), k))
+        out = tmp_path / f"x{k}"
+        result = cli_run("extract", base, merged, "-o", out)
+        assert (result.exit_code == 0) is found, result.output
+        if found:
+            ours = load_file(out / "adapter_model.safetensors")
+            for key, vector in load_file(next(adapter.glob("*.safetensors"))).items():
+                assert torch.equal(ours[key], vector), key
+        else:
+            assert_refused(result, "merged", "no float32 vector re-merges", out=out)
+
+
 # --- refusals -------------------------------------------------------------------------------
 
 
@@ -282,3 +305,26 @@ def test_a_feed_forward_vector_on_a_grouped_conv_is_refused(tmp_path):
     base, adapter = save_grouped_conv_pair(tmp_path / "pair")
     run_ok("merge", base, adapter, "-o", tmp_path / "m", "-q")
     refused(base, tmp_path / "m", tmp_path / "x", "grouped.weight", "no IA3 fold explains")
+
+
+def test_a_list_that_would_match_a_nested_copy_becomes_an_exact_regex(tmp_path):
+    """``a.proj`` as a list entry would also match ``outer.a.proj`` under PEFT's suffix rule."""
+    from ia3tools.formats.adapter import read_adapter
+
+    rng = np.random.default_rng(0)
+    w = {"a.proj.weight": rng.standard_normal((4, 6)).astype(np.float32),
+         "outer.a.proj.weight": rng.standard_normal((4, 6)).astype(np.float32)}
+    base = tmp_path / "base"
+    base.mkdir()
+    save_np(w, base / "model.safetensors", metadata={"format": "pt"})
+    l = (1 + 0.3 * rng.standard_normal((4, 1))).astype(np.float32)
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    save_np({**w, "a.proj.weight": w["a.proj.weight"] * l}, merged / "model.safetensors", metadata={"format": "pt"})
+    run_ok("extract", base, merged, "-o", tmp_path / "x", "-q")
+    adapter = read_adapter(tmp_path / "x")
+    assert isinstance(adapter.config.target_modules, str)
+    assert adapter.config.is_target("a.proj") and not adapter.config.is_target("outer.a.proj")
+    assert np.array_equal(adapter.vectors["a.proj"], l)  # float32 weights: the vector itself
+    run_ok("merge", base, tmp_path / "x", "-o", tmp_path / "again", "-q")
+    assert tensors(tmp_path / "again") == tensors(merged)

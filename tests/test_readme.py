@@ -31,7 +31,7 @@ def test_readme_transcript_is_true(tmp_path, monkeypatch):
     (tmp_path / "fixtures").symlink_to(ROOT / "fixtures")
     monkeypatch.chdir(tmp_path)
     steps = transcript()
-    assert [args[0] for args, _ in steps] == ["inspect", "check", "merge", "verify", "export-onnx"]
+    assert [args[0] for args, _ in steps] == ["inspect", "check", "merge", "verify", "extract", "verify", "export-onnx"]
     for args, expected in steps:
         result = CliRunner().invoke(cli, args)
         assert result.exit_code == 0, result.output

@@ -43,11 +43,24 @@ def test_problems_are_results_even_when_quiet(fixture_copy):
     assert result.stdout == "error: target_modules entry 'q_prj' matches no module of the base\n"
 
 
-def test_export_progress_is_stderr_and_quiet_silences_it(merged, tmp_path):
+def test_export_progress_is_stderr_and_quiet_silences_it(merged, tmp_path, monkeypatch):
     loud = cli_run("export-onnx", merged, "-o", tmp_path / "a", "--no-parity")
-    quiet = cli_run("export-onnx", merged, "-o", tmp_path / "b", "--no-parity", "-q")
-    assert loud.exit_code == quiet.exit_code == 0
+    assert loud.exit_code == 0
     phases = [line.split(" ")[0] for line in loud.stderr.splitlines()]
     assert phases == ["loaded", "exported", "saved"]  # parity is its fourth line, when it runs
     assert "loaded text-generation in " in loud.stderr and " s; inputs input_ids, attention_mask" in loud.stderr
-    assert loud.stdout.startswith("exported ") and quiet.stdout == "" and quiet.stderr == ""
+    assert loud.stdout.startswith("exported ")
+
+    import ia3tools.exporting.pipeline as pipeline
+    from ia3tools.errors import ExportError
+
+    def first_phase_then_fail(*args):  # the export's progress callback is its 7th argument
+        args[6]("loaded text-generation in 0.1 s")
+        raise ExportError("stopped after the first phase")
+
+    monkeypatch.setattr(pipeline, "run_export", first_phase_then_fail)
+    quiet = cli_run("export-onnx", merged, "-o", tmp_path / "b", "--no-parity", "-q")
+    assert quiet.exit_code == 1 and quiet.stdout == ""
+    assert quiet.stderr == "Error: stopped after the first phase\n"  # the error only: no progress
+    shown = cli_run("export-onnx", merged, "-o", tmp_path / "c", "--no-parity")  # the same, without -q
+    assert shown.stderr.splitlines() == ["loaded text-generation in 0.1 s", "Error: stopped after the first phase"]

@@ -38,6 +38,7 @@ class ExportOptions:
     with_past: bool = False  # a causal LM with a KV cache, for generation
     dtype: str = "fp32"  # fp32, or fp16 (weights stored in fp16, computed in fp32)
     quantize: str | None = None  # None or "int8" (onnxruntime's dynamic quantization)
+    runtime_adapters: tuple[str | os.PathLike, ...] = ()  # IA3 adapters switched per run (fp32, no cache)
 
     def __post_init__(self):
         if self.task != "auto" and task_named(self.task) is None:
@@ -46,6 +47,9 @@ class ExportOptions:
             raise OptionError(f"dtype {self.dtype!r}: expected fp32 or fp16")
         if self.quantize not in (None, "int8"):
             raise OptionError(f"quantize {self.quantize!r}: expected int8")
+        if self.runtime_adapters and (self.with_past or self.dtype != "fp32" or self.quantize):
+            raise OptionError("--runtime-adapters exports a float32 graph without a KV cache: it cannot be combined "
+                              "with --with-past, --dtype fp16 or --quantize")
 
 
 @dataclass
@@ -66,6 +70,8 @@ class ExportReport(Report):
     size_ratio: float = 1.0  # weights_bytes / float32_weights_bytes
     files: dict[str, int] = field(default_factory=dict)  # name -> bytes
     timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds
+    slots: list[dict] = field(default_factory=list)  # runtime adapter slots: name, length, scales
+    runtime_adapters: list = field(default_factory=list)  # runtime.AdapterFile per adapter
 
 
 def export_onnx(model_dir: str | os.PathLike | None, out: str | os.PathLike, options: ExportOptions | None = None,
@@ -93,8 +99,9 @@ def export_onnx(model_dir: str | os.PathLike | None, out: str | os.PathLike, opt
         warnings.append(Notice("adapter-ignored", f"{weights_dir} also holds {', '.join(stray)}: ignored, the "
                                "weights are exported as they are (pass --adapter to merge an adapter first)",
                                file=str(weights_dir)))
-    inputs = [model_dir] + ([Path(adapter)] if adapter else [])
+    inputs = [model_dir] + ([Path(adapter)] if adapter else []) + [Path(a) for a in options.runtime_adapters]
     warnings += check_output_path(out, inputs, options.force)
+    runtime = _runtime_plan(weights_dir, options, adapter)
     timings: dict[str, float] = {}
     with Staging(out, options.force) as staging, Staging(out, scratch=True) as scratch:
         source = weights_dir
@@ -113,12 +120,15 @@ def export_onnx(model_dir: str | os.PathLike | None, out: str | os.PathLike, opt
 
         view = weights_view(source, scratch.path / "view")
         done = run_export(view, source, staging.path / "model.onnx", scratch.path / "work", task, options, log, out,
-                          model_dir, sentence)
+                          model_dir, sentence, runtime)
         weights = (staging.path / DATA_FILE).stat().st_size
         report = ExportReport(str(out), task.optimum, done.exporter, options.opset, done.parity, done.inputs,
                               done.outputs, options.with_past, options.dtype, options.quantize, weights,
                               done.float32_weights_bytes, round(weights / max(1, done.float32_weights_bytes), 4))
         timings.update(done.timings)
+        if runtime is not None:
+            report.slots = [{"name": s.name, "length": s.length, "scales": s.scales} for s in runtime.slots]
+            report.runtime_adapters = done.adapter_files
         copy_side_files(source, staging.path, skip={"README.md"})
         (staging.path / "README.md").write_text(_card(out, located, source, adapter, report))
         if sentence is not None:
@@ -126,10 +136,27 @@ def export_onnx(model_dir: str | os.PathLike | None, out: str | os.PathLike, opt
                 copy_side_files(model_dir, staging.path, skip={"README.md"})
             copy_module_dirs(model_dir, staging.path, [d for d in sentence.module_dirs if model_dir / d != weights_dir])
         staging.publish(validate=validate_export)
-    report.files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
+    report.files = {p.relative_to(out).as_posix(): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
     report.timings = timings
     report.warnings = warnings + staging.notes
     return report
+
+
+def _runtime_plan(weights_dir: Path, options: ExportOptions, adapter):
+    """The slots and parameters of ``--runtime-adapters`` (None without), planned against the base
+    as merge plans a fold."""
+    if not options.runtime_adapters:
+        return None
+    if adapter is not None:
+        raise OptionError("--runtime-adapters exports the base itself: it cannot be combined with --adapter")
+    from ia3tools.exporting.runtime import RuntimePlan
+    from ia3tools.exporting.slots import plan_slots
+
+    base = open_checkpoint(weights_dir)
+    try:
+        return RuntimePlan(*plan_slots(base, [Path(a) for a in options.runtime_adapters], weights_dir))
+    finally:
+        base.close()
 
 
 def _card(out: Path, located, source: Path, adapter, report: ExportReport) -> str:
@@ -151,7 +178,8 @@ def _card(out: Path, located, source: Path, adapter, report: ExportReport) -> st
     import shlex
 
     args = [str(located.hub_id or located.path), *(["--adapter", str(adapter)] if adapter else []),
-            "-o", str(out), "--task", report.task]
+            "-o", str(out), "--task", report.task,
+            *(["--runtime-adapters", *(f.source for f in report.runtime_adapters)] if report.runtime_adapters else [])]
     command = "ia3tools export-onnx " + shlex.join(args)
     return export_card(name=out.name, base_id=base_id, relation=relation, task=report.task,
                        inputs=report.inputs, outputs=report.outputs, parity=parity, command=command)

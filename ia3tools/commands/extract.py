@@ -74,7 +74,7 @@ class ExtractReport(Report):
 @dataclass
 class _Fit:
     module: str
-    layer: str
+    layer: str  # linear, conv1d or conv
     vectors: dict[bool, np.ndarray]  # feedforward -> vector, one or both orientations
     decided_by: str = "data"
 
@@ -89,50 +89,28 @@ def extract(base: str | os.PathLike, merged: str | os.PathLike, out: str | os.Pa
         b = inputs.enter_context(contextlib.closing(open_checkpoint(located.path)))
         m = inputs.enter_context(contextlib.closing(open_checkpoint(merged_at.path)))
         warnings = check_output_path(out, [located.path, merged_at.path], options.force)
-        _check_names(b, m)
-        changes = {n: tensor_change(b, m, n, n, ref) for n, ref in b.tensors.items()}
-        changed = [n for n, c in changes.items() if c.differs]
-        for name in changed:
-            if changes[name].non_finite:
-                raise ExtractError(f"{changes[name].non_finite} inf or NaN values where the base's differ "
-                                   "(a fold that overflowed: no finite vector reproduces it)",
-                                   path=m.reader(name).path, tensor=name)
-        if not changed:
-            raise ExtractError("every tensor equals the base's, bit for bit: there is no adapter to extract",
-                               path=merged_at.path)
-        model_config = read_model_config(b.path if b.path.is_dir() else b.path.parent) or {}
+        changes = _changes(b, m)
+        base_dir = b.path if b.path.is_dir() else b.path.parent
+        model_config = read_model_config(base_dir) or {}
+        model_type = model_config.get("model_type")
+        fits, heads = _recover(b, m, changes, model_type)
+        warnings += resolve(fits, model_type)
+        fits.sort(key=lambda f: f.module)
         modules = _modules(b.tensors)
-        by_module: dict[str, list[str]] = {}
-        for name in changed:
-            by_module.setdefault(_module_of(name), []).append(name)
-        layout = choose_layout(model_config.get("model_type"), b, by_module, m.reader)
-        fits, heads = [], []
-        for module, names in by_module.items():
-            found, tried = _fit_module(b, m, module, names, layout)
-            if found is not None:
-                fits.append(found)
-            else:
-                _require_head(modules[module], changes, m, tried)
-                heads.append(module)
-        if not fits:
-            raise ExtractError("only whole modules changed (" + ", ".join(sorted(heads)) + "): no IA3 vector "
-                               "explains them, and an IA3 adapter needs at least one", path=merged_at.path)
-        warnings += resolve(fits, model_config.get("model_type"))
-        config = adapter_config(fits, heads, modules, layout, architecture(model_config),
+        config = adapter_config(fits, heads, modules, architecture(model_config),
                                 located.hub_id or os.fspath(base))
-        tensors = [_vector_tensor(f, b.tensors[f"{f.module}.weight"]) for f in sorted(fits, key=lambda f: f.module)]
-        tensors += [_head_tensor(m, name) for module in sorted(heads) for name in modules[module]]
+        tensors = [_vector_tensor(f, b.tensors[f"{f.module}.weight"]) for f in fits]
+        tensors += [_head_tensor(m, name) for module in heads for name in modules[module]]
         report = ExtractReport(
-            str(located.path), str(merged_at.path), str(out), len(b.tensors), len(changed),
+            str(located.path), str(merged_at.path), str(out), len(b.tensors), sum(c.differs for c in changes.values()),
             [ExtractedModule(f.module, f.layer, "inputs" if _chosen(f) else "outputs", len(f.vectors[_chosen(f)]),
-                             f.decided_by) for f in sorted(fits, key=lambda f: f.module)],
-            sorted(heads), config["fan_in_fan_out"], config["task_type"], base_id=located.hub_id, warnings=warnings)
+                             f.decided_by) for f in fits],
+            heads, config["fan_in_fan_out"], config["task_type"], base_id=located.hub_id, warnings=warnings)
         metadata = {"format": "pt", "ia3tools_version": __version__,
                     "ia3tools_extracted_from": json.dumps({"base": os.fspath(base), "merged": os.fspath(merged)})}
-        base_dir = b.path if b.path.is_dir() else b.path.parent
         card = extract_card(name=out.name, base_id=base_model_id(located.hub_id, None, read_card_metadata(base_dir),
                                                                  base_dir), merged=os.fspath(merged),
-                            modules=len(fits), heads=report.heads,
+                            modules=len(fits), heads=heads,
                             command="ia3tools extract " + shlex.join([os.fspath(base), os.fspath(merged), "-o",
                                                                       str(out)]))
         with Staging(out, options.force) as staging:
@@ -142,6 +120,42 @@ def extract(base: str | os.PathLike, merged: str | os.PathLike, out: str | os.Pa
             staging.publish(validate_adapter)
         report.warnings += staging.notes
         return report
+
+
+def _changes(b, m) -> dict[str, Change]:
+    """How each tensor differs, once names, dtypes and shapes are checked; refuses non-finite
+    changes and a merge that changed nothing."""
+    _check_names(b, m)
+    changes = {n: tensor_change(b, m, n, n, ref) for n, ref in b.tensors.items()}
+    for name, c in changes.items():
+        if c.non_finite:
+            raise ExtractError(f"{c.non_finite} inf or NaN values where the base's differ (a fold that "
+                               "overflowed: no finite vector reproduces it)", path=m.reader(name).path, tensor=name)
+    if not any(c.differs for c in changes.values()):
+        raise ExtractError("every tensor equals the base's, bit for bit: there is no adapter to extract", path=m.path)
+    return changes
+
+
+def _recover(b, m, changes: dict[str, Change], model_type: str | None) -> tuple[list[_Fit], list[str]]:
+    """The vectors of every changed module, and the modules kept whole as heads."""
+    modules = _modules(b.tensors)
+    by_module: dict[str, list[str]] = {}
+    for name, c in changes.items():
+        if c.differs:
+            by_module.setdefault(_module_of(name), []).append(name)
+    layout = choose_layout(model_type, b, by_module, m.reader)
+    fits, heads = [], []
+    for module, names in by_module.items():
+        found, tried = _fit_module(b, m, module, names, layout)
+        if found is not None:
+            fits.append(found)
+        else:
+            _require_head(modules[module], changes, m, tried)
+            heads.append(module)
+    if not fits:
+        raise ExtractError(f"only whole modules changed ({', '.join(sorted(heads))}): no IA3 vector explains them, "
+                           "and an IA3 adapter needs at least one", path=m.path)
+    return fits, sorted(heads)
 
 
 def _check_names(b, m) -> None:
@@ -212,6 +226,11 @@ def _require_head(tensors: list[str], changes: dict[str, Change], m, tried) -> N
         agree = explained(weight, bias, how)
         if agree.mean() >= HEAD_FRACTION:
             off = np.flatnonzero(~agree)
+            if not off.size:  # every interval is non-empty, yet no float32 in or near it re-merges
+                raise ExtractError(
+                    f"no float32 vector re-merges its {how.what} bit for bit, though each element's bounds agree "
+                    f"(merged with other arithmetic than PEFT's float32 multiply and one rounding?)",
+                    path=m.reader(weight.name).path, tensor=weight.name)
             raise ExtractError(
                 f"changed in a way no IA3 fold explains: {len(off)} of {len(agree)} {how.what} (first: {off[0]}) "
                 f"cannot be scaled to their merged values while the others can (edited elements?)",

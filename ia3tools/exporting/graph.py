@@ -19,12 +19,18 @@ DATA_FILE = "model.onnx.data"
 class Signature:
     """What the graph takes and returns: input names in order, output names, the
     sentence-transformers pooling that adds ``sentence_embedding`` (None for none), and each
-    input's dynamic axes (by default batch and sequence, as its name implies)."""
+    input's dynamic axes (by default batch and sequence, as its name implies). ``slots`` are
+    runtime adapter vectors, graph inputs after ``inputs`` with static shapes."""
 
     def __init__(self, inputs: list[str], outputs: list[str], pooling: tuple[str, ...] | None = None,
                  normalize: bool = False, axes: dict[str, dict[int, str]] | None = None):
         self.inputs, self.outputs, self.pooling, self.normalize = inputs, outputs, pooling, normalize
         self.axes = axes or {name: _default_axes(name) for name in inputs}
+        self.slots: list[str] = []
+
+    @property
+    def graph_inputs(self) -> list[str]:
+        return self.inputs + self.slots
 
 
 def _default_axes(name: str) -> dict[int, str]:
@@ -35,8 +41,9 @@ def _default_axes(name: str) -> dict[int, str]:
     return {0: "batch", 1: "sequence"}
 
 
-def wrap(model, signature: Signature):
-    """The model as a module taking the graph's inputs positionally and returning its outputs."""
+def wrap(model, signature: Signature, holder: dict | None = None):
+    """The model as a module taking the graph's inputs positionally and returning its outputs; the
+    slots' vectors go into ``holder``, for the hooks that multiply them in."""
     import torch
 
     from ia3tools.exporting.pooling import pool
@@ -47,7 +54,9 @@ def wrap(model, signature: Signature):
             self.model = model
 
         def forward(self, *inputs):
-            feed = dict(zip(signature.inputs, inputs))
+            feed = dict(zip(signature.graph_inputs, inputs))
+            for name in signature.slots:
+                holder[name] = feed.pop(name)
             result = self.model(**feed)
             first = getattr(result, signature.outputs[0])
             if signature.pooling is None:
@@ -89,8 +98,8 @@ def _dims(signature: Signature):
     import torch
 
     dims: dict[str, object] = {}
-    shapes = tuple({axis: dims.setdefault(dim, torch.export.Dim(dim)) for axis, dim in signature.axes[name].items()}
-                   for name in signature.inputs)
+    shapes = tuple({axis: dims.setdefault(dim, torch.export.Dim(dim))
+                    for axis, dim in signature.axes.get(name, {}).items()} for name in signature.graph_inputs)
     axes = dict(signature.axes)
     for name in signature.outputs:
         axes.setdefault(name, {0: "batch"})
@@ -104,7 +113,7 @@ def export_graph(wrapper, signature: Signature, inputs: dict, path: Path, opset:
     import torch
 
     shapes, axes = _dims(signature)
-    args = tuple(inputs[n] for n in signature.inputs)
+    args, names = tuple(inputs[n] for n in signature.graph_inputs), signature.graph_inputs
     failures = []
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed"
     for exporter in ("dynamo", "torchscript"):
@@ -113,11 +122,11 @@ def export_graph(wrapper, signature: Signature, inputs: dict, path: Path, opset:
                 warnings.simplefilter("ignore")
                 if exporter == "dynamo":
                     program = torch.onnx.export(wrapper, args, dynamo=True, opset_version=opset,
-                                                input_names=signature.inputs, output_names=signature.outputs,
+                                                input_names=names, output_names=signature.outputs,
                                                 dynamic_shapes=shapes, verbose=False)
                     return exporter, program
                 torch.onnx.export(wrapper, args, str(path), dynamo=False, opset_version=opset,
-                                  input_names=signature.inputs, output_names=signature.outputs, dynamic_axes=axes)
+                                  input_names=names, output_names=signature.outputs, dynamic_axes=axes)
                 tidy(path)
                 return exporter, None
         except Exception as exc:  # exporters raise many types; the next one gets its chance

@@ -48,6 +48,7 @@ class Parity:
     passed: bool
     inputs: dict[str, list[int]]  # the shapes fed
     generation: Generation | None = None
+    switching: list | None = None  # runtime adapters: runtime.Switch per run, in the order run
 
 
 def compare(reference: np.ndarray, got: np.ndarray, mask: np.ndarray | None, logits: bool = False) -> ErrorStats:

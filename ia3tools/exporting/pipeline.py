@@ -25,6 +25,7 @@ class Exported:
     parity: Parity | None
     float32_weights_bytes: int  # the float32 weights the exporter wrote, before any conversion
     timings: dict[str, float] = field(default_factory=dict)
+    adapter_files: list = field(default_factory=list)  # runtime adapters: runtime.AdapterFile
 
 
 def _since(started: float) -> float:
@@ -59,9 +60,10 @@ def signature_for(model, task: Task, view: Path, sentence, shown: Path, with_pas
 
 
 def run_export(view: Path, source: Path, onnx_path: Path, work: Path, task: Task, options, log, out: Path,
-               shown: Path, sentence) -> Exported:
+               shown: Path, sentence, runtime=None) -> Exported:
     """Export into ``onnx_path`` (in staging), using ``work`` for intermediate files, and prove it.
-    Errors name ``out``, the path the user gave, or ``shown``, the model directory."""
+    Errors name ``out``, the path the user gave, or ``shown``, the model directory. ``runtime`` (a
+    ``runtime.RuntimePlan``) adds runtime adapter slots and writes the adapters' files."""
     import torch
 
     from ia3tools.exporting import past as kv
@@ -72,6 +74,12 @@ def run_export(view: Path, source: Path, onnx_path: Path, work: Path, task: Task
     started = time.perf_counter()
     model = load_model(view, source, task, shown)
     signature, origin = signature_for(model, task, view, sentence, shown, options.with_past)
+    holder, references = None, {}
+    if runtime is not None:
+        from ia3tools.exporting.slots import install
+
+        holder = install(model, runtime.slots)
+        signature.slots = [s.name for s in runtime.slots]
     if options.with_past:
         wrapper = kv.wrap_past(model, signature)
         export_in = kv.past_inputs(model, signature, 2, 4, 3, seed=0)  # distinct sizes >= 2
@@ -79,12 +87,18 @@ def run_export(view: Path, source: Path, onnx_path: Path, work: Path, task: Task
         reference = kv.reference_generation(model, prompt_ids, prompt_mask)
         parity_in, mask = {"input_ids": torch.from_numpy(prompt_ids), "attention_mask": torch.from_numpy(prompt_mask)}, None
     else:
-        wrapper = wrap(model, signature)
+        wrapper = wrap(model, signature, holder)
         export_in, _ = example_inputs(model, signature, 2, 8, pad=False, seed=0)  # sizes 1 would be fixed
         parity_in, mask = example_inputs(model, signature, 3, 5, pad=True, seed=1)
-        with torch.no_grad():
-            result = wrapper(*[parity_in[n] for n in signature.inputs])
-        reference = [r.numpy() for r in (result if isinstance(result, tuple) else (result,))]
+        reference = _outputs(wrapper, signature, parity_in, runtime)
+        if runtime is not None:
+            from ia3tools.exporting.slots import folded
+
+            references[None] = reference
+            for adapter in runtime.adapters:  # the adapted model, folded as merge does: no slots involved
+                with folded(model, adapter):
+                    references[adapter.name] = _outputs(wrapper, signature, parity_in, runtime)
+            export_in.update(_ones(runtime))
     timings["load_s"] = _since(started)
     log(f"loaded {task.optimum} in {timings['load_s']} s; inputs {', '.join(signature.inputs[:4])}"
         f"{' ...' if len(signature.inputs) > 4 else ''} (from {origin})")
@@ -96,6 +110,14 @@ def run_export(view: Path, source: Path, onnx_path: Path, work: Path, task: Task
     timings["export_s"] = _since(started)
     log(f"exported with the {exporter} exporter (opset {options.opset}) in {timings['export_s']} s")
     ir_model = program.model if program is not None else _load_ir(work / "torchscript" / "model.onnx")
+    adapter_files = []
+    if runtime is not None:
+        from ia3tools.exporting.runtime import write_adapters
+        from ia3tools.exporting.slots import add_defaults
+
+        add_defaults(ir_model, runtime.slots)
+        adapter_files = write_adapters(onnx_path.parent, runtime.adapters, out)
+        log(f"{len(runtime.slots)} runtime adapter slots; wrote {len(adapter_files)} adapter file(s)")
     float32_bytes = _shrink(ir_model, onnx_path, work, options, timings, log, model)
     del program, wrapper, ir_model, model  # emptied by _shrink already
     _release()
@@ -103,15 +125,31 @@ def run_export(view: Path, source: Path, onnx_path: Path, work: Path, task: Task
     parity = None
     if options.parity:
         started = time.perf_counter()
-        parity = _prove(onnx_path, signature, parity_in, mask, reference, options, out)
+        parity = _prove(onnx_path, signature, parity_in, mask, reference, options, out, references)
         timings["parity_s"] = _since(started)
         worst_name, worst = _worst(parity)
         log(f"parity on {parity.inputs} in {timings['parity_s']} s: max abs error {_num(worst.max_abs)} "
-            f"({worst_name}){_figures(parity)}")
+            f"({worst_name}){_figures(parity)}{_switched(parity)}")
         if not parity.passed:
             raise ExportError(f"parity check failed: {_failure(parity, options)}; nothing was published", path=out,
                               code="parity-failed")
-    return Exported(exporter, signature.inputs, signature.outputs, parity, float32_bytes, timings)
+    return Exported(exporter, signature.inputs, signature.outputs, parity, float32_bytes, timings, adapter_files)
+
+
+def _ones(runtime) -> dict:
+    import torch
+
+    return {s.name: torch.ones(s.length) for s in runtime.slots}
+
+
+def _outputs(wrapper, signature, feed: dict, runtime) -> list[np.ndarray]:
+    """The torch outputs on ``feed`` (slots at ones: the model's own weights decide)."""
+    import torch
+
+    slots = _ones(runtime) if runtime is not None else {}
+    with torch.no_grad():
+        result = wrapper(*[feed[n] for n in signature.inputs], *[slots[n] for n in signature.slots])
+    return [r.numpy() for r in (result if isinstance(result, tuple) else (result,))]
 
 
 def _load_ir(path: Path):
@@ -182,10 +220,13 @@ def _precision(options) -> str:
     return "int8" if options.quantize else options.dtype
 
 
-def _prove(onnx_path: Path, signature, parity_in: dict, mask, reference, options, out: Path) -> Parity:
+def _prove(onnx_path: Path, signature, parity_in: dict, mask, reference, options, out: Path,
+           references: dict | None = None) -> Parity:
     from ia3tools.exporting import past as kv
     from ia3tools.exporting.parity import session
+    from ia3tools.exporting.runtime import prove_switching
 
+    switching = None
     try:
         sess = session(onnx_path)
         if options.with_past:
@@ -194,7 +235,12 @@ def _prove(onnx_path: Path, signature, parity_in: dict, mask, reference, options
             tokens, _ = kv.greedy(sess, signature, ids, prompt_mask, kv.NEW_TOKENS)
             _, logits = kv.greedy(sess, signature, ids, prompt_mask, kv.NEW_TOKENS, forced=ref_tokens)
         else:
-            got = sess.run(None, {k: v.numpy() for k, v in parity_in.items()})
+            feed = {k: v.numpy() for k, v in parity_in.items()}
+            got = sess.run(None, feed)
+            if references:
+                names = [n for n in references if n is not None]
+                switching = prove_switching(sess, onnx_path.parent, names, feed, mask, signature.outputs, references,
+                                            options.atol)
     except Exception as exc:  # onnxruntime's errors (Fail, InvalidGraph, ...) share no base class
         hint = "; try --opset 18" if options.opset != 18 else ""
         raise ExportError(f"onnxruntime cannot run the export: {str(exc).strip().splitlines()[0]}{hint}; "
@@ -210,7 +256,9 @@ def _prove(onnx_path: Path, signature, parity_in: dict, mask, reference, options
     errors = {name: compare(ref, g, mask, logits=name == "logits")
               for name, ref, g in zip(signature.outputs, reference, got)}
     passed = all(passes(e, precision, options.atol, name == "logits") for name, e in errors.items())
-    return Parity(errors, options.atol, passed, shapes)
+    if switching is not None:
+        passed = passed and all(step.passed for step in switching)
+    return Parity(errors, options.atol, passed, shapes, switching=switching)
 
 
 def _worst(parity: Parity):
@@ -227,9 +275,23 @@ def _figures(parity: Parity) -> str:
     return ", " + ", ".join(parts) if parts else ""
 
 
+def _switched(parity: Parity) -> str:
+    if not parity.switching:
+        return ""
+    worst = max((e.max_abs if e.max_abs is not None else float("inf")) for step in parity.switching
+                for e in step.outputs.values())
+    order = " -> ".join(step.adapter or "none" for step in parity.switching)
+    return f"; switching {order}: max abs error {_num(worst)}"
+
+
 def _failure(parity: Parity, options) -> str:
     precision = _precision(options)
     name, worst = _worst(parity)
+    bad = next((step for step in parity.switching or [] if not step.passed), None)
+    if bad is not None and all(passes(e, precision, options.atol, n == "logits") for n, e in parity.outputs.items()):
+        out, e = max(bad.outputs.items(), key=lambda kv: float("inf") if kv[1].max_abs is None else kv[1].max_abs)
+        return (f"with runtime adapter {bad.adapter or 'none'} active, max abs error {_num(e.max_abs)} on {out} "
+                f"exceeds --atol {options.atol:g}")
     if precision == "fp32":
         if parity.generation is not None and not parity.generation.tokens_equal:
             return "greedy decoding in onnxruntime gives other tokens than transformers' generate"
