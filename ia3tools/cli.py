@@ -20,6 +20,7 @@ import click
 
 import ia3tools
 from ia3tools import __version__
+from ia3tools.cli_values import OneOrMore, parse_device, parse_dtype, parse_size_option, parse_weights, split_trailing_numbers
 from ia3tools.commands.blend import METHODS, MISSING
 from ia3tools.errors import Ia3Error, Interrupted
 from ia3tools.reports import failure_json
@@ -128,41 +129,14 @@ def check_cmd(paths, quiet):
     return ia3tools.check(base, adapter)
 
 
-def _device(ctx, param, value: str) -> str:
-    if value in ("cpu", "cuda", "auto") or (value.startswith("cuda:") and value[5:].isdigit()):
-        return value
-    raise click.BadParameter("expected cpu, cuda, cuda:N or auto")
-
-
-def _dtype(ctx, param, value: str | None) -> str | None:
-    from ia3tools.formats.dtypes import FRIENDLY
-
-    if value is None or value == "keep":
-        return None
-    if value.lower() not in FRIENDLY:
-        raise click.BadParameter("expected keep, bf16, fp16 or fp32")
-    return FRIENDLY[value.lower()]
-
-
-def _size(ctx, param, value: str | None) -> int | None:
-    from ia3tools.commands.merge import parse_size
-
-    if value is None:
-        return None
-    try:
-        return parse_size(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
 @cli.command("merge")
 @click.argument("paths", nargs=-1, required=True, metavar="[BASE] ADAPTER")
 @click.option("-o", "--output", "out", type=click.Path(), help="Directory to create (required unless --dry-run).")
-@click.option("--device", default="cpu", show_default=True, callback=_device,
+@click.option("--device", default="cpu", show_default=True, callback=parse_device,
               help="Where to fold: cpu, cuda, cuda:N or auto (CUDA when available).")
-@click.option("--dtype", default=None, callback=_dtype,
+@click.option("--dtype", default=None, callback=parse_dtype,
               help="Convert floating tensors to bf16, fp16 or fp32 before folding (default: keep).")
-@click.option("--max-shard-size", default=None, callback=_size,
+@click.option("--max-shard-size", default=None, callback=parse_size_option,
               help="Reshard the output, e.g. 2GB (default: keep the base's shard layout).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and the output layout; write nothing.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory (atomically).")
@@ -223,11 +197,11 @@ def blend_cmd(adapters, weights, out, method, missing, heads_from, force, quiet)
     """
     # click options take one value; the rest of `--weights 0.7 0.3` arrives as trailing positionals
     # (negative weights too: unknown options are passed through, and only numbers are accepted).
-    adapters, trailing = _split_trailing_numbers(list(adapters))
+    adapters, trailing = split_trailing_numbers(list(adapters))
     for a in adapters:
         if a.startswith("-") and not os.path.exists(a):
             raise click.NoSuchOption(a)
-    values = _weights(weights[:1] + tuple(trailing) + weights[1:])
+    values = parse_weights(weights[:1] + tuple(trailing) + weights[1:])
     if len(values) != len(adapters):
         raise click.UsageError(f"{len(adapters)} adapters but {len(values)} weights: give one weight per adapter")
     options = ia3tools.BlendOptions(tuple(values), method, missing, heads_from, force)
@@ -272,27 +246,6 @@ def _task_names() -> list[str]:
     return ["auto", *export_task_names()]
 
 
-class _OneOrMore(click.Option):
-    """An option taking one or more values, up to the next option: ``--runtime-adapters A B C``
-    (repeating the option works too). click has no such option; this extends its parser's
-    handling of the option (a private hook: where it is missing, only repetition works)."""
-
-    def add_to_parser(self, parser, ctx):
-        super().add_to_parser(parser, ctx)
-        for name in self.opts:
-            option = getattr(parser, "_long_opt", {}).get(name) or getattr(parser, "_short_opt", {}).get(name)
-            if option is None or not hasattr(option, "process"):
-                continue
-            process = option.process
-
-            def greedy(value, state, process=process):
-                process(value, state)
-                while state.rargs and not state.rargs[0].startswith("-"):
-                    process(state.rargs.pop(0), state)
-
-            option.process = greedy
-
-
 @cli.command("export-onnx")
 @click.argument("model_dir", required=False)
 @click.option("--adapter", type=click.Path(), help="Merge this IA3 adapter into MODEL_DIR first (in a temporary directory).")
@@ -310,7 +263,7 @@ class _OneOrMore(click.Option):
               help="fp16: weights stored in float16 (half the bytes), computed in float32.")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
               help="int8: onnxruntime's dynamic quantization of every weight matrix and embedding.")
-@click.option("--runtime-adapters", "runtime_adapters", cls=_OneOrMore, multiple=True, type=click.Path(),
+@click.option("--runtime-adapters", "runtime_adapters", cls=OneOrMore, multiple=True, type=click.Path(),
               metavar="ADAPTER [ADAPTER ...]",
               help="Export MODEL_DIR once with a slot per module these IA3 adapters target, and write each as "
                    "OUT/adapters/<name>.onnx_adapter, switched per run in onnxruntime (give MODEL_DIR first).")
@@ -353,33 +306,6 @@ def onnx_adapter_cmd(adapters, export, force, quiet):
     (fan_in_fan_out). Written as OUT/adapters/<name>.onnx_adapter after one run in onnxruntime.
     """
     return ia3tools.onnx_adapter(list(adapters), export, ia3tools.OnnxAdapterOptions(force=force))
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _split_trailing_numbers(items: list[str]) -> tuple[list[str], list[str]]:
-    """Split positionals into adapter paths and the trailing numbers that are not paths."""
-    end = len(items)
-    while end > 0 and _is_number(items[end - 1]) and not os.path.exists(items[end - 1]):
-        end -= 1
-    return items[:end], items[end:]
-
-
-def _weights(raw: tuple[str, ...]) -> list[float]:
-    values = []
-    for item in raw:
-        for part in item.replace(",", " ").split():
-            try:
-                values.append(float(part))
-            except ValueError:
-                raise click.BadParameter(f"{part!r} is not a number", param_hint="--weights") from None
-    return values
 
 
 def _raise_interrupted(signum, frame):

@@ -9,8 +9,6 @@ imports torch) and ``TorchFolder`` (any torch device, e.g. CUDA). Both produce t
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 
 from ia3tools.formats.dtypes import DTYPES
@@ -96,62 +94,18 @@ class NumpyFolder:
         compute = DTYPES[compute_dtype(out_dtype)].numpy
         y = np.empty(x.shape, DTYPES[out_dtype].numpy)
         scale = scale.astype(compute, copy=False)
-        bits = out_dtype == "BF16" and _LITTLE and bool(np.isfinite(scale).all())
-        scratch = _Bf16Scratch(x.shape) if bits else None
         bad = 0
         # Fold in cache-sized pieces: one pass over memory instead of three (upcast, multiply, cast).
         for lo, n in row_blocks(x.shape, np.dtype(compute).itemsize, CACHE_BYTES):
-            piece, s, out = x[lo : lo + n], block_scale(scale, lo, n), y[lo : lo + n]
+            wide = x[lo : lo + n].astype(compute)
             with np.errstate(over="ignore", invalid="ignore"):  # counted below, reported by name
-                if scratch is None or not scratch.fold(piece, s, out):
-                    if piece.dtype == compute:  # float32 (float64) weights: the multiply is the fold
-                        np.multiply(piece, s, out=out)
-                    else:
-                        wide = piece.astype(compute)
-                        np.multiply(wide, s, out=wide)
-                        np.copyto(out, wide, casting="unsafe")  # the one cast, round to nearest even
+                np.multiply(wide, block_scale(scale, lo, n), out=wide)
+                np.copyto(y[lo : lo + n], wide, casting="unsafe")  # the one cast, round to nearest even
             if finite:
-                bad += _non_finite(out, out_dtype)
+                bad += _non_finite(y[lo : lo + n], out_dtype)
         if bad:
             raise NonFinite(bad)
         return _as_bytes(y)
-
-
-_LITTLE = sys.byteorder == "little"  # the bit-level fold reads a float32's high half as its second uint16
-
-
-class _Bf16Scratch:
-    """The bf16 fold on the bits, exactly what ml_dtypes' casts (and torch's, and so PEFT's) give
-    for finite weights and a finite vector, at about memory speed: widen each bf16 to float32 by
-    shifting it 16 bits left (exact: bf16 is float32's top half), multiply in float32, and round to
-    nearest even on the integer view: add 0x7FFF plus the lowest kept bit, keep the high 16 bits.
-    An overflow rounds to the inf pattern, which the exponent test then counts. A piece holding an
-    inf or NaN weight returns False and takes the general path (rounding a NaN's bits could wrap
-    it to a zero). The buffers are one piece's, reused piece after piece; one scratch per fold
-    call, so concurrent folds share nothing."""
-
-    def __init__(self, shape: tuple[int, ...]):
-        first = next(row_blocks(shape, 4, CACHE_BYTES))
-        size = first[1] * row_bytes(shape, 1)
-        self.wide, self.low = np.empty(size, np.uint32), np.empty(size, np.uint16)
-
-    def fold(self, piece: np.ndarray, scale: np.ndarray, out: np.ndarray) -> bool:
-        x = piece.view(np.uint16)
-        k = x.size
-        low = self.low[:k].reshape(x.shape)
-        np.bitwise_and(x, 0x7FFF, out=low)
-        if k and int(low.max()) >= 0x7F80:  # an inf or NaN weight
-            return False
-        wide = self.wide[:k].reshape(x.shape)
-        np.left_shift(x, 16, out=wide, dtype=np.uint32)
-        product = wide.view(np.float32)
-        np.multiply(product, scale, out=product)
-        high = wide.view(np.uint16)[..., 1::2]  # each float32's top half: the bf16 it truncates to
-        np.bitwise_and(high, 1, out=low)
-        np.add(low, 0x7FFF, out=low)
-        np.add(wide, low, out=wide)  # round to nearest even: carries into the top half
-        np.copyto(out.view(np.uint16), high)
-        return True
 
 
 class TorchFolder:
