@@ -1,6 +1,6 @@
 """The CPU fold (and so merge, verify and extract's proof) against torch's own arithmetic, which is
 PEFT's: ``(weight.float() * vector).to(weight.dtype)``. Exhaustive where it is cheap: every bf16
-bit pattern times a set of vectors, every float32 -> bf16 rounding tie."""
+bit pattern and every fp16 one times a set of vectors, every rounding tie to bf16 and to fp16."""
 
 import numpy as np
 import pytest
@@ -32,19 +32,38 @@ def finite_bits(bits: np.ndarray, dtype: str) -> np.ndarray:
     return (bits & exponent) != exponent
 
 
+@pytest.mark.parametrize("dtype, torch_dtype", [("BF16", torch.bfloat16), ("F16", torch.float16)])
 @pytest.mark.parametrize("axis", [0, 1])
-def test_every_bf16_pattern_times_every_scale_matches_torch(axis):
+def test_every_16_bit_pattern_times_every_scale_matches_torch(axis, dtype, torch_dtype):
     """Rows (axis 0) and columns (axis 1): 65,536 patterns x 13 scales each way. Where torch's
     result is finite the bits are equal; where it is not, ours is not either."""
     for value in SCALES:
         shape = (256, 1) if axis == 0 else (1, 256)
         scale = np.full(shape, value, np.float32)
         scale.reshape(-1)[::3] = np.float32(value) * np.float32(-1.25)  # mixed signs and magnitudes per row/column
-        expected = torch_fold(ALL_BF16, torch.bfloat16, scale)
-        got = ours(ALL_BF16, "BF16", scale)
-        keep = finite_bits(expected, "BF16")
+        expected = torch_fold(ALL_BF16, torch_dtype, scale)
+        got = ours(ALL_BF16, dtype, scale)
+        keep = finite_bits(expected, dtype)
         np.testing.assert_array_equal(got[keep], expected[keep], err_msg=f"scale {value}")
-        assert not finite_bits(got[~keep], "BF16").any(), value
+        assert not finite_bits(got[~keep], dtype).any(), value
+
+
+def test_every_float16_rounding_tie_and_its_neighbours_matches_torch():
+    """fp16 1.0 times float32 values a hair below, at and above each midpoint between float16
+    neighbours (low 13 bits 0x0FFF, 0x1000, 0x1001, ...), over float16's whole range, subnormal
+    results and overflow included."""
+    high = np.arange(0x33000, 0x47900, dtype=np.uint32)  # float32 bits >> 13: from below fp16's subnormals to past 65504
+    for low in (0x0FFF, 0x1000, 0x1001, 0x0000, 0x1FFF):
+        for sign in (0, 0x80000000):
+            values = (((high << 13) | low) | sign).astype(np.uint32).view(np.float32)
+            n = len(values) - len(values) % 256
+            scale = values[:n].reshape(-1, 1)
+            ones = np.full((n, 1), 0x3C00, np.uint16)  # fp16 1.0
+            expected = torch_fold(ones, torch.float16, scale)
+            got = ours(ones, "F16", scale)
+            keep = finite_bits(expected, "F16")
+            np.testing.assert_array_equal(got[keep], expected[keep], err_msg=hex(low))
+            assert not finite_bits(got[~keep], "F16").any()
 
 
 def test_every_rounding_tie_and_its_neighbours_match_torch():
