@@ -266,3 +266,20 @@ def test_onnx_adapter_that_onnxruntime_refuses_leaves_nothing(exported, tmp_path
     line = assert_refused(cli_run("onnx-adapter", tmp_path / "delta", "--for", root / "onnx"), tmp_path / "delta")
     assert "onnxruntime refuses the adapter" in line
     assert sorted(p.name for p in (root / "onnx" / "adapters").iterdir()) == before
+
+
+def test_conv_channels_scale_as_peft_does(tmp_path):
+    """A ResNet: Conv2d slots on output channels (bias-free convs, then batch norm) and on input
+    channels, against PEFT with real pixels."""
+    build_model("resnet").save_pretrained(tmp_path / "base")
+    add_ia3(build_model("resnet"), "resnet", seed=3).save_pretrained(tmp_path / "conv")
+    out = tmp_path / "onnx"
+    report = envelope(cli_run("export-onnx", tmp_path / "base", "-o", out, "--runtime-adapters", tmp_path / "conv",
+                              "--json", "-q"), "export-onnx", True)
+    assert {s["scales"] for s in report["slots"]} == {"outputs", "inputs"}
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = load_peft(tmp_path / "base", tmp_path / "conv")(pixel_values=pixels).logits.numpy()
+    got = run_with(session(out), {"pixel_values": pixels.numpy()}, out / "adapters" / "conv.onnx_adapter")
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    assert np.abs(expected - run_with(session(out), {"pixel_values": pixels.numpy()})).max() > 1e-3
