@@ -67,17 +67,19 @@ def _float32_bits(bits: np.ndarray, dtype: str) -> np.ndarray:
 
 def _f16_off_lattice(wb, mb, magnitude, w_magnitude, nonzero, bigger, smaller, w) -> None:
     """fp16 subnormals and zeros are not rebased normals, and the smallest normal's lower neighbour
-    is a subnormal: decode those few exactly (their midpoints are exact in float32)."""
-    small = magnitude <= np.uint16(0x0400)
-    if small.any():
-        m = mb[small]
+    is a subnormal: decode those few exactly (their midpoints are exact in float32). They are
+    rare, so they are gathered by index (a boolean mask would cost a pass per use)."""
+    at = np.flatnonzero(magnitude <= np.uint16(0x0400))
+    if at.size:
+        m = mb.reshape(-1)[at]
         value = m.view(np.float16).astype(np.float32)
-        bigger[small] = (value + (m + np.uint16(1)).view(np.float16).astype(np.float32)) * np.float32(0.5)
-        down = m - nonzero[small].astype(np.uint16)
-        smaller[small] = (value + down.view(np.float16).astype(np.float32)) * np.float32(0.5)
-    small = w_magnitude < np.uint16(0x0400)
-    if small.any():
-        w[small] = wb[small].view(np.float16).astype(np.float32)
+        up = (value + (m + np.uint16(1)).view(np.float16).astype(np.float32)) * np.float32(0.5)
+        down = m - nonzero.reshape(-1)[at].astype(np.uint16)
+        bigger.reshape(-1)[at] = up
+        smaller.reshape(-1)[at] = (value + down.view(np.float16).astype(np.float32)) * np.float32(0.5)
+    at = np.flatnonzero(w_magnitude < np.uint16(0x0400))
+    if at.size:
+        w.reshape(-1)[at] = wb.reshape(-1)[at].view(np.float16).astype(np.float32)
 
 
 def _chunk(wb: np.ndarray, mb: np.ndarray, dtype: str, reduce: int):
