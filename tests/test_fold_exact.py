@@ -32,20 +32,34 @@ def finite_bits(bits: np.ndarray, dtype: str) -> np.ndarray:
     return (bits & exponent) != exponent
 
 
-@pytest.mark.parametrize("dtype, torch_dtype", [("BF16", torch.bfloat16), ("F16", torch.float16)])
+TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def assert_as_torch(bits: np.ndarray, dtype: str, scale: np.ndarray, what) -> None:
+    """Where torch's result is finite the bits are equal; where it is not, ours is not either."""
+    expected, got = torch_fold(bits, TORCH[dtype], scale), ours(bits, dtype, scale)
+    keep = finite_bits(expected, dtype)
+    np.testing.assert_array_equal(got[keep], expected[keep], err_msg=str(what))
+    assert not finite_bits(got[~keep], dtype).any(), what
+
+
+def one_times(values: np.ndarray, dtype: str) -> None:
+    """The weight 1.0 times each float32 in ``values`` (as a row vector): the product is the value
+    itself, so the fold is exactly the float32 -> ``dtype`` rounding."""
+    n = len(values) - len(values) % 256
+    ones = np.full((n, 1), {"BF16": 0x3F80, "F16": 0x3C00}[dtype], np.uint16)
+    assert_as_torch(ones, dtype, values[:n].reshape(-1, 1), dtype)
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16"])
 @pytest.mark.parametrize("axis", [0, 1])
-def test_every_16_bit_pattern_times_every_scale_matches_torch(axis, dtype, torch_dtype):
-    """Rows (axis 0) and columns (axis 1): 65,536 patterns x 13 scales each way. Where torch's
-    result is finite the bits are equal; where it is not, ours is not either."""
+def test_every_16_bit_pattern_times_every_scale_matches_torch(axis, dtype):
+    """Rows (axis 0) and columns (axis 1): 65,536 patterns x 13 scales each way."""
     for value in SCALES:
         shape = (256, 1) if axis == 0 else (1, 256)
         scale = np.full(shape, value, np.float32)
         scale.reshape(-1)[::3] = np.float32(value) * np.float32(-1.25)  # mixed signs and magnitudes per row/column
-        expected = torch_fold(ALL_BF16, torch_dtype, scale)
-        got = ours(ALL_BF16, dtype, scale)
-        keep = finite_bits(expected, dtype)
-        np.testing.assert_array_equal(got[keep], expected[keep], err_msg=f"scale {value}")
-        assert not finite_bits(got[~keep], dtype).any(), value
+        assert_as_torch(ALL_BF16, dtype, scale, f"scale {value}")
 
 
 def test_every_float16_rounding_tie_and_its_neighbours_matches_torch():
@@ -55,15 +69,7 @@ def test_every_float16_rounding_tie_and_its_neighbours_matches_torch():
     high = np.arange(0x33000, 0x47900, dtype=np.uint32)  # float32 bits >> 13: from below fp16's subnormals to past 65504
     for low in (0x0FFF, 0x1000, 0x1001, 0x0000, 0x1FFF):
         for sign in (0, 0x80000000):
-            values = (((high << 13) | low) | sign).astype(np.uint32).view(np.float32)
-            n = len(values) - len(values) % 256
-            scale = values[:n].reshape(-1, 1)
-            ones = np.full((n, 1), 0x3C00, np.uint16)  # fp16 1.0
-            expected = torch_fold(ones, torch.float16, scale)
-            got = ours(ones, "F16", scale)
-            keep = finite_bits(expected, "F16")
-            np.testing.assert_array_equal(got[keep], expected[keep], err_msg=hex(low))
-            assert not finite_bits(got[~keep], "F16").any()
+            one_times((((high << 13) | low) | sign).astype(np.uint32).view(np.float32), "F16")
 
 
 def test_every_rounding_tie_and_its_neighbours_match_torch():
@@ -73,15 +79,7 @@ def test_every_rounding_tie_and_its_neighbours_match_torch():
     high = np.arange(1 << 16, dtype=np.uint32)
     high = high[(high & 0x7F80) != 0x7F80]  # finite high halves
     for low in (0x7FFF, 0x8000, 0x8001, 0x0000, 0xFFFF):
-        values = ((high << 16) | low).view(np.float32)
-        n = len(values) - len(values) % 256
-        scale = values[:n].reshape(-1, 1)
-        ones = np.full((n, 1), 0x3F80, np.uint16)  # bf16 1.0
-        expected = torch_fold(ones, torch.bfloat16, scale)
-        got = ours(ones, "BF16", scale)
-        keep = finite_bits(expected, "BF16")
-        np.testing.assert_array_equal(got[keep], expected[keep], err_msg=hex(low))
-        assert not finite_bits(got[~keep], "BF16").any()
+        one_times(((high << 16) | low).view(np.float32), "BF16")
 
 
 @pytest.mark.parametrize("dtype, np_dtype", [("BF16", torch.bfloat16), ("F16", torch.float16), ("F32", torch.float32)])
