@@ -199,7 +199,10 @@ def test_a_leftover_whose_lock_is_held_is_kept_whatever_its_pid(tmp_path):
 def test_signals_clean_up_like_ctrl_c(tmp_path, sig, code, line):
     step = {signal.SIGINT: "int", signal.SIGTERM: "term", signal.SIGHUP: "hup"}[sig] + "-while-writing"
     cmd = [sys.executable, str(FAULTS), step, "--", "merge", *map(str, LLAMA), "-o", str(tmp_path / "m"), "-q"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    # As from a terminal: a run started in the background of a script inherits SIGINT ignored
+    # (and then ignores Ctrl-C, as POSIX wants), so the child starts with the default disposition.
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert done.returncode == code and done.stderr == line + "\n" and done.stdout == ""
     assert not (tmp_path / "m").exists() and leftovers(tmp_path) == []
 
