@@ -280,11 +280,6 @@ def export_onnx_cmd(model_dir, adapter, out, task, opset, atol, no_parity, with_
     """
     if model_dir is None and adapter is None:
         raise click.UsageError("missing argument MODEL_DIR (it may be left out only with --adapter)")
-    if runtime_adapters and model_dir is None:
-        raise click.UsageError("--runtime-adapters needs MODEL_DIR, the base they are switched on")
-    if runtime_adapters and (adapter or with_past or export_dtype != "fp32" or quantize):
-        raise click.UsageError("--runtime-adapters exports MODEL_DIR in float32 without a cache: it cannot be combined "
-                               "with --adapter, --with-past, --dtype fp16 or --quantize")
     options = ia3tools.ExportOptions(task=task, opset=opset, atol=atol, parity=not no_parity, force=force,
                                      with_past=with_past, dtype=export_dtype, quantize=quantize,
                                      runtime_adapters=tuple(runtime_adapters))

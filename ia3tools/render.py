@@ -166,10 +166,12 @@ def render_export(r) -> tuple[str, str | None]:
             g = p.generation
             lines.append(f"generation: {g.new_tokens} greedy tokens for {g.batch} prompts (one left-padded): "
                          f"{'equal to' if g.tokens_equal else 'differ from'} transformers' generate")
+        from ia3tools.exporting.parity import worst
+
         for step in p.switching or []:
-            worst = max(step.outputs.values(), key=lambda e: float("inf") if e.max_abs is None else e.max_abs)
+            largest = worst(step.outputs)[1].max_abs
             lines.append(f"switched to {step.adapter or 'no adapter'}: max abs error "
-                         f"{'inf' if worst.max_abs is None else f'{worst.max_abs:.3g}'} against the torch model"
+                         f"{'inf' if largest is None else f'{largest:.3g}'} against the torch model"
                          f"{' with it folded in' if step.adapter else ''}")
     else:
         lines.append("parity: not checked (--no-parity)")

@@ -88,6 +88,8 @@ def export_onnx(model_dir: str | os.PathLike | None, out: str | os.PathLike, opt
     out = Path(out)
     if model_dir is None and adapter is None:
         raise OptionError("give a model directory, or an adapter whose base it names")
+    if options.runtime_adapters and adapter is not None:
+        raise OptionError("--runtime-adapters exports the base itself: it cannot be combined with --adapter")
     located = locate(model_dir) if model_dir is not None else base_of(read_config(Path(adapter)))
     model_dir = located.path
     sentence = read_sentence_model(model_dir)
@@ -101,7 +103,7 @@ def export_onnx(model_dir: str | os.PathLike | None, out: str | os.PathLike, opt
                                file=str(weights_dir)))
     inputs = [model_dir] + ([Path(adapter)] if adapter else []) + [Path(a) for a in options.runtime_adapters]
     warnings += check_output_path(out, inputs, options.force)
-    runtime = _runtime_plan(weights_dir, options, adapter)
+    runtime = _runtime_plan(weights_dir, options)
     timings: dict[str, float] = {}
     with Staging(out, options.force) as staging, Staging(out, scratch=True) as scratch:
         source = weights_dir
@@ -142,13 +144,11 @@ def export_onnx(model_dir: str | os.PathLike | None, out: str | os.PathLike, opt
     return report
 
 
-def _runtime_plan(weights_dir: Path, options: ExportOptions, adapter):
+def _runtime_plan(weights_dir: Path, options: ExportOptions):
     """The slots and parameters of ``--runtime-adapters`` (None without), planned against the base
     as merge plans a fold."""
     if not options.runtime_adapters:
         return None
-    if adapter is not None:
-        raise OptionError("--runtime-adapters exports the base itself: it cannot be combined with --adapter")
     from ia3tools.exporting.runtime import RuntimePlan
     from ia3tools.exporting.slots import plan_slots
 

@@ -64,7 +64,7 @@ def onnx_adapter(adapters: list[str | os.PathLike], export: str | os.PathLike,
     except OSError as exc:
         raise OutputError(f"cannot write adapters here ({exc.strerror})", path=export / ADAPTERS_DIR) from None
     try:
-        files = write_adapters(scratch, planned, export)
+        files = write_adapters(scratch, planned)
         _run_each(onnx_path, scratch, planned)
         for adapter, file in zip(planned, files):
             _move(adapter_path(scratch, adapter.name), adapter_path(export, adapter.name), options.force)

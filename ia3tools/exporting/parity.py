@@ -72,6 +72,11 @@ def compare(reference: np.ndarray, got: np.ndarray, mask: np.ndarray | None, log
     return ErrorStats(max_abs, max_abs / scale if scale > 0 else max_abs, top1, cosine)
 
 
+def worst(outputs: dict[str, ErrorStats]) -> tuple[str, ErrorStats]:
+    """The output with the largest absolute error (a non-finite one counts as infinite)."""
+    return max(outputs.items(), key=lambda kv: float("inf") if kv[1].max_abs is None else kv[1].max_abs)
+
+
 def passes(stats: ErrorStats, precision: str, atol: float, logits: bool) -> bool:
     if stats.max_abs is None:
         return False

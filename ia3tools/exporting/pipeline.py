@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ia3tools.errors import ExportError, OptionError
-from ia3tools.exporting.parity import Generation, Parity, compare, passes
+from ia3tools.exporting.parity import Generation, Parity, compare, passes, worst
 from ia3tools.tasks import Task
 
 
@@ -116,7 +116,7 @@ def run_export(view: Path, source: Path, onnx_path: Path, work: Path, task: Task
         from ia3tools.exporting.slots import add_defaults
 
         add_defaults(ir_model, runtime.slots)
-        adapter_files = write_adapters(onnx_path.parent, runtime.adapters, out)
+        adapter_files = write_adapters(onnx_path.parent, runtime.adapters)
         log(f"{len(runtime.slots)} runtime adapter slots; wrote {len(adapter_files)} adapter file(s)")
     float32_bytes = _shrink(ir_model, onnx_path, work, options, timings, log, model)
     del program, wrapper, ir_model, model  # emptied by _shrink already
@@ -127,8 +127,8 @@ def run_export(view: Path, source: Path, onnx_path: Path, work: Path, task: Task
         started = time.perf_counter()
         parity = _prove(onnx_path, signature, parity_in, mask, reference, options, out, references)
         timings["parity_s"] = _since(started)
-        worst_name, worst = _worst(parity)
-        log(f"parity on {parity.inputs} in {timings['parity_s']} s: max abs error {_num(worst.max_abs)} "
+        worst_name, worst_stats = worst(parity.outputs)
+        log(f"parity on {parity.inputs} in {timings['parity_s']} s: max abs error {_num(worst_stats.max_abs)} "
             f"({worst_name}){_figures(parity)}{_switched(parity)}")
         if not parity.passed:
             raise ExportError(f"parity check failed: {_failure(parity, options)}; nothing was published", path=out,
@@ -261,10 +261,6 @@ def _prove(onnx_path: Path, signature, parity_in: dict, mask, reference, options
     return Parity(errors, options.atol, passed, shapes, switching=switching)
 
 
-def _worst(parity: Parity):
-    return max(parity.outputs.items(), key=lambda kv: float("inf") if kv[1].max_abs is None else kv[1].max_abs)
-
-
 def _figures(parity: Parity) -> str:
     parts = []
     logits = parity.outputs.get("logits")
@@ -278,24 +274,23 @@ def _figures(parity: Parity) -> str:
 def _switched(parity: Parity) -> str:
     if not parity.switching:
         return ""
-    worst = max((e.max_abs if e.max_abs is not None else float("inf")) for step in parity.switching
-                for e in step.outputs.values())
+    largest = worst({i: worst(step.outputs)[1] for i, step in enumerate(parity.switching)})[1]
     order = " -> ".join(step.adapter or "none" for step in parity.switching)
-    return f"; switching {order}: max abs error {_num(worst)}"
+    return f"; switching {order}: max abs error {_num(largest.max_abs)}"
 
 
 def _failure(parity: Parity, options) -> str:
     precision = _precision(options)
-    name, worst = _worst(parity)
+    name, worst_stats = worst(parity.outputs)
     bad = next((step for step in parity.switching or [] if not step.passed), None)
     if bad is not None and all(passes(e, precision, options.atol, n == "logits") for n, e in parity.outputs.items()):
-        out, e = max(bad.outputs.items(), key=lambda kv: float("inf") if kv[1].max_abs is None else kv[1].max_abs)
+        out, e = worst(bad.outputs)
         return (f"with runtime adapter {bad.adapter or 'none'} active, max abs error {_num(e.max_abs)} on {out} "
                 f"exceeds --atol {options.atol:g}")
     if precision == "fp32":
         if parity.generation is not None and not parity.generation.tokens_equal:
             return "greedy decoding in onnxruntime gives other tokens than transformers' generate"
-        return f"max abs error {_num(worst.max_abs)} on {name} exceeds --atol {options.atol:g}"
+        return f"max abs error {_num(worst_stats.max_abs)} on {name} exceeds --atol {options.atol:g}"
     return f"{precision} changes the outputs too much ({_figures(parity).lstrip(', ') or 'non-finite outputs'})"
 
 

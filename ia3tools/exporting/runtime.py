@@ -44,9 +44,8 @@ def adapter_path(export_dir: Path, name: str) -> Path:
     return export_dir / ADAPTERS_DIR / f"{name}{ADAPTER_SUFFIX}"
 
 
-def write_adapters(export_dir: Path, adapters: list[RuntimeAdapter], shown: Path) -> list[AdapterFile]:
-    """Each adapter's file in ``export_dir/adapters`` (in staging); ``shown`` is the export path
-    the report names."""
+def write_adapters(export_dir: Path, adapters: list[RuntimeAdapter]) -> list[AdapterFile]:
+    """Each adapter's file in ``export_dir/adapters`` (the export's staging, or a scratch directory)."""
     (export_dir / ADAPTERS_DIR).mkdir(exist_ok=True)
     files = []
     for adapter in adapters:
